@@ -1,0 +1,1 @@
+"""The benchmark harness: configuration, models, data, metrics, tracking, Ray Tune orchestration, reports."""

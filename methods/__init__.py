@@ -1,0 +1,25 @@
+"""Editors behind one contract (see :mod:`methods.base`) and the registry that names them.
+
+A new editor is one file defining an :class:`~methods.base.Editor` subclass plus one line here.
+"""
+
+from __future__ import annotations
+
+from methods.base import Budget, Edit, Editor, FitResult, Hparams
+from methods.ft import FT, FTKL
+
+REGISTRY: dict[str, type[Editor]] = {
+    FT.name: FT,
+    FTKL.name: FTKL,
+}
+
+
+def get_editor(name: str) -> type[Editor]:
+    """The editor class registered under ``name``; the error lists the valid names."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; valid: {', '.join(sorted(REGISTRY))}") from None
+
+
+__all__ = ["REGISTRY", "get_editor", "Budget", "Edit", "Editor", "FitResult", "Hparams"]
