@@ -117,6 +117,17 @@ def _scores(model: EditableModel, batch: EditBatch, deltas: dict | None) -> tupl
     return logits, exact, tok
 
 
+@torch.no_grad()
+def base_correct(model: EditableModel, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[bool]:
+    """Whether the unedited model's teacher-forced argmax gives every answer token, per (prompt, answer)."""
+    out: list[bool] = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        _, exact, _ = _scores(model, collate(model, [p for p, _ in chunk], [a for _, a in chunk]), None)
+        out.extend(bool(x) for x in exact.tolist())
+    return out
+
+
 def evaluate(
     editor: Any,
     model: EditableModel,

@@ -1,0 +1,186 @@
+"""MLflow tracking: one run per trial (params, metrics, step metrics, per-edit table, editor checkpoint, tags).
+
+This module and :mod:`bench.report` are the only places that touch MLflow. The default store is a sqlite file in
+the working directory; its schema is created by the driver (:func:`prepare_experiment`) before trials start,
+because concurrent first use of a sqlite store races.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+NOTE_TAG = "mlflow.note.content"
+
+
+def default_tracking_uri() -> str:
+    """``sqlite:///<cwd>/mlruns.db``, absolute so Ray workers (which run elsewhere) find the same store."""
+    return f"sqlite:///{(Path.cwd() / 'mlruns.db').resolve()}"
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifact location for new experiments of a local sqlite store: ``mlartifacts/`` beside the file."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {"a.b.c": value}; lists are kept as their string form."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def environment_tags(device: str) -> dict[str, str]:
+    """Git commit, package versions and device, for reproducibility."""
+    tags = {"device": device, "python": platform.python_version(), "host.cpus": str(os.cpu_count())}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+        tags["git.commit"] = commit + ("-dirty" if dirty else "") if commit else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        tags["git.commit"] = "unknown"
+    for pkg in ("torch", "transformers", "mlflow", "ray", "editbench"):
+        try:
+            tags[f"version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def client(uri: str) -> Any:
+    """An MlflowClient bound to ``uri`` (no global state is changed)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def prepare_experiment(uri: str, name: str, description: str = "", tags: Mapping[str, str] | None = None) -> str:
+    """Create the store's schema (first use) and the experiment if needed; return its id.
+
+    The experiment is tagged ``mlflow.experimentKind = custom_model_development`` so the MLflow 3 UI opens on
+    the runs table, and its description (``mlflow.note.content``) is set when given.
+    """
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        exp_id = c.create_experiment(name, artifact_location=_artifact_root(uri))
+    else:
+        exp_id = exp.experiment_id
+    c.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    if description:
+        c.set_experiment_tag(exp_id, NOTE_TAG, description)
+    for k, v in (tags or {}).items():
+        c.set_experiment_tag(exp_id, k, v)
+    return exp_id
+
+
+class TrialRun:
+    """A live MLflow run for one trial; all writes go through one client."""
+
+    def __init__(self, uri: str, run: Any) -> None:
+        self.uri = uri
+        self.client = client(uri)
+        self.run_id: str = run.info.run_id
+        self.artifact_uri: str = run.info.artifact_uri
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(self.run_id, params=items[i : i + 90])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if v is not None and not math.isnan(float(v))]
+        for i in range(0, len(items), 900):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 900])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(self.run_id, str(p), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def log_table(self, rows: list[dict[str, Any]], name: str = "per_edit.parquet") -> None:
+        """Write rows as a parquet artifact (polars)."""
+        import polars as pl
+
+        with tempfile.TemporaryDirectory() as tmp:
+            f = Path(tmp) / name
+            pl.DataFrame(rows, infer_schema_length=None).write_parquet(f)
+            self.log_artifact(f)
+
+
+@contextmanager
+def trial_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str]) -> Iterator[TrialRun]:
+    """Open one MLflow run; it ends FINISHED on success and FAILED (with the error as a tag) on an exception."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else prepare_experiment(uri, experiment)
+    run = c.create_run(exp_id, run_name=run_name, tags=dict(tags))
+    tr = TrialRun(uri, run)
+    try:
+        yield tr
+    except BaseException as e:
+        tr.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
+        c.set_terminated(tr.run_id, "FAILED")
+        raise
+    c.set_terminated(tr.run_id, "FINISHED")
+
+
+def runs_frame(uri: str, experiment: str, filter_string: str = "") -> Any:
+    """All runs of an experiment as a polars DataFrame: run id/name/status, params (``p.``), metrics, tags (``t.``)."""
+    import polars as pl
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return pl.DataFrame()
+    rows = []
+    token = None
+    while True:
+        page = c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        for r in page:
+            row: dict[str, Any] = {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status}
+            row.update({f"p.{k}": v for k, v in r.data.params.items()})
+            row.update(r.data.metrics)
+            row.update({f"t.{k}": v for k, v in r.data.tags.items() if not k.startswith("mlflow.")})
+            rows.append(row)
+        token = page.token
+        if not token:
+            break
+    return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()

@@ -1,0 +1,161 @@
+"""One grid point end to end: load model and data, build and fit the editor, evaluate, log one MLflow run.
+
+:func:`run_trial` knows nothing of Ray: ``bench.run`` calls it inside a Tune trial and passes ``report`` (Tune's
+report function); tests call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from bench import tracking
+from bench.data import load_task, locality_pool, with_locality
+from bench.metrics import STYLES, PeakMemory, base_correct, evaluate
+from bench.models import load_model
+from methods import Budget, get_editor
+from methods.base import weights_digest
+
+log = logging.getLogger(__name__)
+
+Reporter = Callable[[Mapping[str, float]], None]
+
+# Every trial's run carries at least these metrics (others may be added).
+REQUIRED_METRICS = (
+    "es", "edit_acc", "loc_acc_pre", "loc_acc_post", "drawdown", "token_acc_rephrase", "edit_time_s",
+    "edit_peak_mem_mb", "edit_steps", "loc_agree", "loc_kl", "es_ci95", "drawdown_ci95",
+)
+
+
+def pick_device(pref: str) -> str:
+    """'cuda' when asked for (or 'auto' and available), else 'cpu'."""
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def _apply_locality(model: Any, task: Any, source: str, data_root: str | None, seed: int) -> dict[str, float]:
+    """Swap each record's locality prompt for one from a file-based source of the card (filtered to prompts the
+    base model answers right when the card says so). Returns counts for logging."""
+    card = task.card
+    src = card.locality[source]
+    if src.source == "record":
+        return {}
+    pairs = locality_pool(card, source, data_root)
+    kept = pairs
+    if src.keep == "base_correct":
+        ok = base_correct(model, pairs)
+        kept = [p for p, good in zip(pairs, ok) if good]
+    log.info("locality %s: %d of %d prompts kept", source, len(kept), len(pairs))
+    # Disjoint pools per split so test locality prompts were never seen in training.
+    order = list(range(len(kept)))
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    cuts = {"train": order[: int(0.7 * n)], "val": order[int(0.7 * n): int(0.8 * n)], "test": order[int(0.8 * n):]}
+    for split, idx in cuts.items():
+        task.splits[split] = with_locality(task.splits[split], [kept[i] for i in idx], seed)
+    return {"loc_pool_size": float(len(pairs)), "loc_pool_kept": float(len(kept))}
+
+
+def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report: Reporter | None = None,
+              extra_tags: Mapping[str, str] | None = None) -> dict[str, float]:
+    """Run one trial spec (a point of :func:`bench.config.plan`, with sampled values merged into ``hparams``).
+
+    Logs exactly one MLflow run in ``experiment`` and returns its final metrics. Raises on failure (the run is
+    then marked FAILED with the error as a tag).
+    """
+    t_start = time.time()
+    seed = int(cfg["seed"])
+    random.seed(seed)
+    torch.manual_seed(seed)
+    device = pick_device(cfg.get("device", "auto"))
+    threads = int(os.environ.get("EDITBENCH_THREADS", "0"))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    method, model_spec, ds = cfg["method"], cfg["model"], cfg["dataset"]
+    params = {
+        "method": cfg.get("method_label", method),
+        "method_class": method,
+        "model": model_spec["name"],
+        "dataset": ds["name"],
+        "n_edits": cfg["n_edits"],
+        "edit_batch_size": cfg["edit_batch_size"],
+        "seed": seed,
+        "hparams": dict(cfg["hparams"]),
+        "budget": dict(cfg.get("budget") or {}),
+        "locality": ds.get("locality") or "",
+    }
+    editor_cls = get_editor(method)
+    tags = {
+        **tracking.environment_tags(device),
+        **(extra_tags or {}),
+        "method": params["method"],
+        "model": model_spec["name"],
+        "dataset": ds["name"],
+        "requires_training": str(editor_cls.requires_training),
+        "uses_training_data_at_edit_time": str(editor_cls.uses_training_data_at_edit_time),
+        "modifies_base_model": str(editor_cls.modifies_base_model),
+        **{f"style.{k}": v for k, v in STYLES.items()},
+    }
+    with tracking.trial_run(tracking_uri, experiment, cfg["run_name"], tags) as run:
+        run.log_params(params)
+        model = load_model(model_spec["name"], model_spec.get("edit_params"), device=device)
+        run.log_params({"model_params": model.meta["n_params"], "edit_params": ",".join(model.edit_params)})
+        task = load_task(
+            ds["name"], cfg.get("data_root"), seed=seed,
+            sizes={"train": ds.get("n_train"), "val": ds.get("n_val"), "test": cfg["n_edits"]},
+            paths=ds.get("paths") or {},
+        )
+        loc_source = ds.get("locality") or task.card.default_locality
+        loc_counts = _apply_locality(model, task, loc_source, cfg.get("data_root"), seed)
+        run.log_params({f"data.{s}_file": f for s, f in task.files.items()})
+        run.log_params({f"data.n_{s}": len(v) for s, v in task.splits.items()})
+
+        editor = editor_cls(model, cfg["hparams"])
+        digest_before = weights_digest(model)
+
+        def log_step(step: int, metrics: Mapping[str, float]) -> None:
+            run.log_metrics(metrics, step=step)
+            if report is not None and any(k.startswith("val_") for k in metrics):
+                report({k: float(v) for k, v in metrics.items()})
+
+        t_fit = time.time()
+        with PeakMemory(model.device) as fit_mem:
+            fit = editor.fit(task["train"], task["val"], Budget(**(cfg.get("budget") or {})), log_step)
+        fit_s = time.time() - t_fit
+        digest_after = weights_digest(model)
+        run.set_tags({"base_weights_sha256.before": digest_before, "base_weights_sha256.after": digest_after,
+                      "base_model_changed": str(digest_before != digest_after)})
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done % max(1, total // 10) == 0:
+                log.info("%s: evaluated %d/%d edits", cfg["run_name"], done, total)
+
+        result = evaluate(editor, model, task["test"], int(cfg["edit_batch_size"]),
+                          rome_neighbourhood=task.card.rome_neighbourhood, progress=progress)
+        metrics = dict(result.metrics)
+        metrics.update(loc_counts)
+        metrics.update({"train_time_s": fit_s, "train_steps": float(fit.steps),
+                        "train_peak_mem_mb": fit_mem.mb if editor_cls.requires_training else 0.0,
+                        "trial_time_s": time.time() - t_start})
+        metrics.update({f"best_{k}": v for k, v in fit.best.items()})
+        run.log_metrics(metrics)
+        run.log_table(result.rows)
+        if editor.modules():
+            with tempfile.TemporaryDirectory() as tmp:
+                run.log_artifact(editor.save(Path(tmp) / "editor"), "editor")
+        if report is not None:
+            report({k: float(v) for k, v in metrics.items()})
+        log.info("%s: es=%.3f edit_acc=%.3f drawdown=%.3f loc_agree=%.3f (%.0fs)", cfg["run_name"],
+                 metrics.get("es", float("nan")), metrics.get("edit_acc", float("nan")),
+                 metrics.get("drawdown", float("nan")), metrics.get("loc_agree", float("nan")),
+                 metrics["trial_time_s"])
+        return metrics
+

@@ -1,0 +1,83 @@
+"""Model loading, the family table, weight layouts and functional application of deltas."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from bench.data import edit_batch
+from bench.models import ModelSpecError, load_model, resolve_model_source, select_edit_params
+from methods.base import weights_digest
+from tests.conftest import tiny
+
+EXPECTED = {
+    "tiny-gpt2": [f"transformer.h.{i}.mlp.{w}.weight" for i in (1, 2, 3) for w in ("c_fc", "c_proj")],
+    "tiny-llama": [f"model.layers.{i}.mlp.{w}.weight" for i in (1, 2, 3) for w in ("gate_proj", "up_proj", "down_proj")],
+    "tiny-t5": [f"encoder.block.{i}.layer.1.DenseReluDense.{w}.weight" for i in (1, 2) for w in ("wi", "wo")]
+    + [f"decoder.block.{i}.layer.2.DenseReluDense.{w}.weight" for i in (1, 2) for w in ("wi", "wo")],
+    "tiny-bart": [f"model.{s}.layers.{i}.{w}.weight" for s in ("encoder", "decoder") for i in (1, 2)
+                  for w in ("fc1", "fc2")],
+    "tiny-bert": [f"bert.encoder.layer.{i}.{w}.weight" for i in (1, 2, 3)
+                  for w in ("intermediate.dense", "output.dense")],
+}
+
+
+@pytest.mark.parametrize("alias", sorted(EXPECTED))
+def test_family_default_selects_mlps_of_last_blocks(alias: str) -> None:
+    m = tiny(alias)
+    assert m.edit_params == EXPECTED[alias]
+    assert all(not p.requires_grad for p in m.model.parameters())
+    assert not m.model.training
+
+
+def test_globs_override_the_family_default() -> None:
+    m = tiny("tiny-gpt2")
+    names = [n for n, _ in m.model.named_parameters()]
+    assert select_edit_params(names, "gpt2", ["transformer.h.0.mlp.c_fc.weight", "*.h.3.mlp.c_proj.weight"]) == [
+        "transformer.h.0.mlp.c_fc.weight", "transformer.h.3.mlp.c_proj.weight"]
+    with pytest.raises(ModelSpecError, match="matches no parameter"):
+        select_edit_params(names, "gpt2", ["transformer.h.9.*"])
+
+
+def test_unknown_model_names_what_is_valid() -> None:
+    with pytest.raises(ModelSpecError, match="use an alias .*smollm2-135m"):
+        resolve_model_source("no such model!")
+    assert resolve_model_source("facebook/bart-base") == "hub id"
+    assert resolve_model_source("tiny-t5") == "alias"
+
+
+def test_conv1d_and_linear_layouts_of_the_outer_product() -> None:
+    u, delta = torch.randn(5, 32), torch.randn(5, 64)
+    g = tiny("tiny-gpt2")
+    w = g.weights()["transformer.h.3.mlp.c_fc.weight"]
+    assert tuple(w.shape) == (32, 128) and g.io_dims("transformer.h.3.mlp.c_fc.weight") == (32, 128)
+    assert torch.allclose(g.outer(u, delta), sum(torch.outer(u[i], delta[i]) for i in range(5)), atol=1e-5)
+    lm = tiny("tiny-llama")
+    assert lm.io_dims("model.layers.3.mlp.up_proj.weight") == (32, 64)
+    assert torch.allclose(lm.outer(u, delta), sum(torch.outer(delta[i], u[i]) for i in range(5)), atol=1e-5)
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama", "tiny-t5", "tiny-bart"])
+def test_functional_deltas_equal_an_in_place_edit_of_a_copy(alias: str, zsre) -> None:
+    m = tiny(alias)
+    before = weights_digest(m)
+    batch = edit_batch(m, zsre["test"][:3])
+    torch.manual_seed(1)
+    deltas = {n: 0.05 * torch.randn_like(w) for n, w in m.weights().items()}
+    functional = m.logits(batch.inputs, deltas)
+    clone = copy.deepcopy(m.model)
+    with torch.no_grad():
+        named = dict(clone.named_parameters())
+        for n, d in deltas.items():
+            named[n].add_(d)
+        in_place = clone(**batch.inputs).logits
+    assert torch.allclose(functional, in_place, atol=1e-5)
+    assert not torch.allclose(functional, m.logits(batch.inputs), atol=1e-3)
+    assert weights_digest(m) == before, "functional application mutated the base model"
+
+
+def test_bad_edit_param_is_refused() -> None:
+    with pytest.raises(ModelSpecError, match="matches no parameter"):
+        load_model("tiny-gpt2", edit_params=["nope.*"])

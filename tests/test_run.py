@@ -1,0 +1,144 @@
+"""bench.run: bad sweeps fail before Ray with one line and exit 2; the CI sweep leaves the MLflow runs it promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.config import load_sweep, plan, validate
+from bench.run import main
+from bench.trial import REQUIRED_METRICS
+from tests.conftest import REPO
+
+BASE = {
+    "name": "t",
+    "n_edits": 2,
+    "models": ["tiny-gpt2"],
+    "datasets": [{"name": "zsre", "n_train": 8, "n_val": 4}],
+    "methods": [{"name": "ft", "hparams": {"lr": 1.0e-2, "max_steps": 2}}],
+}
+
+
+def _write(tmp_path: Path, doc: object, raw: str | None = None) -> str:
+    p = tmp_path / "sweep.yaml"
+    p.write_text(raw if raw is not None else yaml.safe_dump(doc))
+    return str(p)
+
+
+def _patch(**kw: object) -> dict:
+    d = json.loads(json.dumps(BASE))
+    d.update(kw)
+    return d
+
+
+def _bad_data(tmp_path: Path, drop: str | None = None, empty: bool = False) -> str:
+    rows = json.loads((Path(os.environ.get("EDITBENCH_DATA", REPO.parent / "shared" / "data"))
+                       / "zsre" / "zsre_mend_800.json").read_text())[:4]
+    if drop:
+        del rows[1][drop]
+    f = tmp_path / "recs.json"
+    f.write_text(json.dumps([] if empty else rows))
+    return str(f)
+
+
+CASES = {
+    "invalid yaml": (None, "name: [unclosed", r"invalid YAML"),
+    "unknown key": (_patch(colour="red"), None, r"colour: unknown key"),
+    "unknown method": (_patch(methods=[{"name": "rome"}]), None, r"methods.0.name: unknown method 'rome'; valid: .*ft"),
+    "unknown model": (_patch(models=["not a model"]), None, r"models.0.name: unknown model 'not a model'"),
+    "unknown dataset": (_patch(datasets=["squad"]), None, r"unknown dataset 'squad'; valid: .*zsre"),
+    "non-positive lr": (_patch(methods=[{"name": "ft", "hparams": {"lr": 0}}]), None,
+                        r"methods.0.hparams.lr: Input should be greater than 0"),
+    "unknown hparam": (_patch(methods=[{"name": "ft", "hparams": {"lrate": 1}}]), None,
+                       r"methods.0.hparams.lrate: unknown key for ft; valid: .*lr"),
+    "non-positive n_edits": (_patch(n_edits=0), None, r"n_edits: Input should be greater than 0"),
+    "missing data file": (_patch(data_root="/nonexistent-root"), None, r"zsre/zsre_mend_800.json' not found; tried"),
+    "bad search space": (_patch(methods=[{"name": "ft", "hparams": {"lr": {"tune": "loguniform", "lower": 0,
+                                                                          "upper": 1}}}]), None,
+                         r"loguniform needs lower > 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_sweep_is_one_line_exit_2_and_no_run(case: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    doc, raw, pattern = CASES[case]
+    path = _write(tmp_path, doc, raw)
+    monkeypatch.chdir(tmp_path)
+    assert main([path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    import re
+
+    assert re.search(pattern, err), err
+    assert not (tmp_path / "mlruns.db").exists()
+
+
+@pytest.mark.parametrize("what", ["missing field", "empty split"])
+def test_bad_records_exit_2(what: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    f = _bad_data(tmp_path, drop="loc" if what == "missing field" else None, empty=what == "empty split")
+    ds = {"name": "zsre", "n_train": 8, "n_val": 4, "paths": {"test": f}}
+    path = _write(tmp_path, _patch(datasets=[ds]))
+    monkeypatch.chdir(tmp_path)
+    assert main([path]) == 2
+    err = capsys.readouterr().err.strip()
+    expected = "record 1 is missing field 'loc'" if what == "missing field" else "split 'test' is empty"
+    assert expected in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "mlruns.db").exists()
+
+
+def test_plan_is_the_grid(tmp_path: Path) -> None:
+    doc = _patch(models=["tiny-gpt2", "tiny-llama"], seeds=[0, 1], edit_batch_size=[1, 2],
+                 methods=[{"name": "ft", "hparams": {"lr": [1e-2, 1e-3], "max_steps": 2}},
+                          {"name": "ft_kl", "hparams": {"lr": {"tune": "loguniform", "lower": 1e-4, "upper": 1e-2}}}])
+    sweep = load_sweep(_write(tmp_path, doc))
+    points = validate(sweep)
+    assert len(points) == 2 * 2 * 2 * (2 + 1)
+    assert len({p["run_name"] for p in points}) == len(points)
+    assert all(p["tuned"] == {} for p in points if p["method"] == "ft")
+    assert all("lr" in p["tuned"] for p in points if p["method"] == "ft_kl")
+    assert plan(sweep) == points
+
+
+def test_shipped_sweeps_validate() -> None:
+    for f in sorted((REPO / "sweeps").glob("*.yaml")):
+        assert validate(load_sweep(f), str(f)), f
+
+
+def test_dry_run_prints_the_plan(capsys) -> None:
+    assert main([str(REPO / "sweeps" / "zsre.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "ft_kl" in out and "smollm2-135m" in out
+
+
+@pytest.mark.slow
+def test_ci_sweep_end_to_end_leaves_one_finished_run_per_grid_point(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    env = {**os.environ, "EDITBENCH_RAY_TMP": f"/tmp/ebt{os.getpid()}"}
+    out = subprocess.run([sys.executable, "-m", "bench.run", str(REPO / "sweeps" / "ci.yaml"), "--tracking-uri", uri],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "es" in out.stdout and "ft_kl" in out.stdout  # the printed summary table
+    from bench.tracking import runs_frame
+
+    df = runs_frame(uri, "ci")
+    sweep = load_sweep(REPO / "sweeps" / "ci.yaml")
+    assert df.height == len(plan(sweep)) == 4
+    assert set(df["status"]) == {"FINISHED"}
+    for key in REQUIRED_METRICS:
+        assert key in df.columns and df[key].null_count() == 0, key
+    for p in ("method", "model", "dataset", "n_edits", "edit_batch_size", "seed"):
+        assert f"p.{p}" in df.columns
+    assert set(df["p.method"]) == {"ft", "ft_kl"} and set(df["p.model"]) == {"tiny-gpt2", "tiny-llama"}
+    assert (df["n_edits"] == 4).all()
+    assert set(df["t.git.commit"]) and "t.version.torch" in df.columns
+    from bench.tracking import client
+
+    c = client(uri)
+    for rid in df["run_id"]:
+        assert [a.path for a in c.list_artifacts(rid)] == ["per_edit.parquet"]
