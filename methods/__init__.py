@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from methods.base import Budget, Edit, Editor, FitResult, Hparams
 from methods.ft import FT, FTKL
+from methods.mend import MEND
 
 REGISTRY: dict[str, type[Editor]] = {
     FT.name: FT,
     FTKL.name: FTKL,
+    MEND.name: MEND,
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from bench.data import EditBatch, EditRecord
@@ -179,3 +179,147 @@ def weights_digest(model: EditableModel) -> str:
         h.update(n.encode())
         h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+class LearnedHparams(Hparams):
+    """Loss weights and optimiser settings shared by editors trained with Alg. 1 (MEND, ENN, KE)."""
+
+    lr: float = Field(default=1e-6, gt=0, description="Adam learning rate of the editor's parameters")
+    c_edit: float = Field(default=0.1, ge=0, description="weight of L_e = -log p_new(y'_e | x'_e)")
+    c_loc: float = Field(default=1.0, ge=0, description="weight of L_loc = KL(p_old(.|x_loc) || p_new(.|x_loc))")
+    grad_clip: float = Field(default=100.0, gt=0)
+
+
+class LearnedEditor(Editor):
+    """An editor trained with the MEND paper's Alg. 1, shared by MEND, ENN and KE.
+
+    Each step samples edits (x_e, y_e) with their equivalence inputs x'_e and locality inputs x_loc from the
+    training split, edits, and minimises ``c_edit * L_e + c_loc * L_loc (+ extra_loss)`` with Adam over
+    :meth:`param_groups`, with gradient accumulation and norm clipping. Every ``val_every`` steps it validates on
+    a fixed slice of the validation split (normalisers frozen), logs ``val_*`` metrics, keeps the state with the
+    lowest validation loss (the official code's early-stop key) and stops after ``patience`` validations
+    without improvement or when the step/time budget is spent. The best state is loaded at the end.
+    Subclasses implement :meth:`edit` (differentiable w.r.t. their parameters while training) and
+    :meth:`param_groups`.
+    """
+
+    requires_training = True
+    hparams: LearnedHparams
+
+    def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None) -> None:
+        super().__init__(model, hparams)
+        self.training = False
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups (each a dict with ``params`` and ``lr``)."""
+        raise NotImplementedError
+
+    def train(self, on: bool = True) -> None:
+        """Training mode: running statistics update and edits stay differentiable."""
+        self.training = on
+        for m in self.modules().values():
+            m.train(on)
+
+    def extra_loss(self, records: Sequence[EditRecord]) -> Tensor | None:
+        """An additional training term (ENN's base-model anchor); ``None`` by default."""
+        return None
+
+    def _losses(self, records: Sequence[EditRecord]) -> dict[str, Tensor]:
+        from bench.data import edit_batch, equiv_batch, loc_batch
+        from bench.losses import argmax_scores, kl_div, loc_mask, nll
+
+        m = self.model
+        eb, qb, lb = edit_batch(m, records), equiv_batch(m, records), loc_batch(m, records)
+        with torch.no_grad():
+            pre = m.logits(lb.inputs)
+        edit = self.edit(eb)
+        post_q = m.logits(qb.inputs, edit.deltas)
+        post_l = m.logits(lb.inputs, edit.deltas)
+        l_e = nll(post_q, qb.labels)
+        l_loc = kl_div(pre, post_l, loc_mask(lb.inputs, lb.labels, m.kind))
+        loss = self.hparams.c_edit * l_e + self.hparams.c_loc * l_loc
+        extra = self.extra_loss(records)
+        out = {"loss": loss if extra is None else loss + extra, "L_e": l_e, "L_loc": l_loc,
+               "es": argmax_scores(post_q.detach(), qb.labels)[0].float().mean()}
+        if extra is not None:
+            out["L_extra"] = extra
+        if not self.training:
+            with torch.no_grad():
+                out["edit_acc"] = argmax_scores(m.logits(eb.inputs, edit.deltas), eb.labels)[0].float().mean()
+        return out
+
+    def validate(self, val: Sequence[EditRecord], batch_size: int = 1) -> dict[str, float]:
+        """Mean ``val_loss``, ``val_L_e``, ``val_L_loc``, ``val_es``, ``val_edit_acc`` over ``val`` (frozen editor)."""
+        was = self.training
+        self.train(False)
+        sums: dict[str, float] = {}
+        n = 0
+        with torch.no_grad():
+            for i in range(0, len(val), batch_size):
+                recs = list(val[i : i + batch_size])
+                for k, v in self._losses(recs).items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(recs)
+                n += len(recs)
+        self.train(was)
+        return {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+
+    def fit(self, train: Sequence[EditRecord], val: Sequence[EditRecord], budget: Budget | None = None,
+            log_fn: StepLogger | None = None) -> FitResult:
+        import random
+        import time
+
+        budget = budget or Budget()
+        if not train or not val:
+            raise ValueError(f"{self.name}: fit needs non-empty train and val splits (got {len(train)}, {len(val)})")
+        rng = random.Random(torch.initial_seed())
+        val = list(val[: budget.val_edits])
+        params = [p for g in self.param_groups() for p in g["params"]]
+        opt = torch.optim.Adam(self.param_groups())
+        log_fn = log_fn or (lambda step, metrics: None)
+        t0 = time.time()
+        best = self.validate(val, budget.batch_size)
+        log_fn(0, best)
+        log.info("%s step 0: %s", self.name, _fmt(best))
+        best_state = {k: v.clone() for k, v in self.state_dict().items()}
+        best_step, bad, step = 0, 0, 0
+        self.train(True)
+        running: dict[str, float] = {}
+        while step < budget.max_steps:
+            step += 1
+            for _ in range(budget.grad_accum):
+                recs = rng.sample(list(train), min(budget.batch_size, len(train)))
+                losses = self._losses(recs)
+                (losses["loss"] / budget.grad_accum).backward()
+                for k, v in losses.items():
+                    running[k] = running.get(k, 0.0) + float(v.detach()) / budget.grad_accum
+            gnorm = torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            running["grad_norm"] = running.get("grad_norm", 0.0) + float(gnorm)
+            out_of_time = budget.max_seconds is not None and time.time() - t0 > budget.max_seconds
+            if step % 10 == 0:
+                log_fn(step, {f"train_{k}": v / 10 for k, v in running.items()})
+                running = {}
+            if step % budget.val_every == 0 or step == budget.max_steps or out_of_time:
+                cur = self.validate(val, budget.batch_size)
+                cur["elapsed_s"] = time.time() - t0
+                log_fn(step, cur)
+                log.info("%s step %d: %s", self.name, step, _fmt(cur))
+                if cur["val_loss"] < best["val_loss"]:
+                    best, best_state, best_step, bad = cur, {k: v.clone() for k, v in self.state_dict().items()}, step, 0
+                else:
+                    bad += 1
+                    if bad >= budget.patience:
+                        log.info("%s: early stop at step %d (best %d)", self.name, step, best_step)
+                        break
+            if out_of_time:
+                log.info("%s: time budget spent at step %d", self.name, step)
+                break
+        self.train(False)
+        self.load_state_dict(best_state)
+        return FitResult(steps=step, seconds=time.time() - t0, best_step=best_step,
+                         best={k: v for k, v in best.items() if k != "elapsed_s"})
+
+
+def _fmt(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
