@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from bench.data import EditRecord, collate, edit_batch, equiv_batch, loc_batch
+from bench.data import EditRecord, collate, edit_batch
 from bench.losses import argmax_agreement, argmax_scores, per_seq_kl, seq_logprob
 from bench.models import EditableModel
 
@@ -49,12 +49,25 @@ def _proc_status_kb(key: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def _trim_heap() -> None:
+    """Return freed memory to the OS (glibc) so the next allocations show up in the resident set."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Context manager measuring peak memory in MB above the level at entry.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak. CPU: the process's resident high-water
-    mark (VmHWM), reset at entry by writing 5 to /proc/self/clear_refs (Linux >= 4.0); where that is not
-    possible it falls back to ``ru_maxrss`` and the value is an upper bound (``exact`` is False).
+    mark (VmHWM), reset at entry by writing 5 to /proc/self/clear_refs (Linux >= 4.0), after handing freed heap
+    pages back to the OS (``malloc_trim``) so that reused memory counts too; where the reset is not possible
+    it falls back to ``ru_maxrss`` and the value is an upper bound (``exact`` is False).
     """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
@@ -68,6 +81,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
+        _trim_heap()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -128,6 +142,26 @@ def base_correct(model: EditableModel, pairs: Sequence[tuple[str, str]], batch_s
     return out
 
 
+def _probe(model: EditableModel, groups: dict[str, tuple[list[str], list[Any]]], deltas: dict | None
+           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Run several (prompts, targets) groups through ONE forward pass; returns (logits, labels) per group."""
+    names = [k for k, (p, _) in groups.items() if p]
+    prompts = [x for k in names for x in groups[k][0]]
+    targets = [x for k in names for x in groups[k][1]]
+    b = collate(model, prompts, targets)
+    with torch.no_grad():
+        logits = model.logits(b.inputs, deltas)
+    out, i = {}, 0
+    for k in names:
+        n = len(groups[k][0])
+        lab = b.labels[i : i + n]
+        # Trim to this group's last target position so a group's tensors do not depend on what shared its batch.
+        width = int((lab != -100).any(0).nonzero().max()) + 1
+        out[k] = (logits[i : i + n, :width], lab[:, :width])
+        i += n
+    return out
+
+
 def evaluate(
     editor: Any,
     model: EditableModel,
@@ -137,52 +171,58 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Edit the model once per batch of ``edit_batch_size`` test records (from the unedited model each time) and
-    score every record of the batch. ``editor`` is any object with ``edit(EditBatch) -> Edit``."""
+    score every record of the batch. ``editor`` is any object with ``edit(EditBatch) -> Edit``.
+
+    The probes of one edit (x_e, x'_e, x_loc and the ROME comparisons) share one forward pass before and one
+    after the edit."""
     if edit_batch_size < 1:
         raise ValueError(f"edit_batch_size must be >= 1, got {edit_batch_size}")
     rows: list[dict[str, Any]] = []
     classifier = model.kind == "classifier"
     for start in range(0, len(records), edit_batch_size):
         recs = list(records[start : start + edit_batch_size])
-        eb, qb, lb = edit_batch(model, recs), equiv_batch(model, recs), loc_batch(model, recs)
-        pre_loc, pre_loc_exact, _ = _scores(model, lb, None)
-        _, pre_q_exact, _ = _scores(model, qb, None)
+        tgt = [r.label for r in recs] if classifier else [r.target for r in recs]
+        loc_tgt = [r.loc_label for r in recs] if classifier else [r.loc_answer for r in recs]
+        known = [i for i, r in enumerate(recs) if r.true_answer is not None and not classifier]
+        groups: dict[str, tuple[list[str], list[Any]]] = {
+            "edit": ([r.prompt for r in recs], tgt),
+            "equiv": ([r.equiv_prompt for r in recs], tgt),
+            "loc": ([r.loc_prompt for r in recs], loc_tgt),
+            "true_e": ([recs[i].prompt for i in known], [recs[i].true_answer for i in known]),
+            "true_q": ([recs[i].equiv_prompt for i in known], [recs[i].true_answer for i in known]),
+            "nb_new": ([recs[i].loc_prompt for i in known] if rome_neighbourhood else [],
+                       [recs[i].target for i in known] if rome_neighbourhood else []),
+        }
+        pre = _probe(model, {k: groups[k] for k in ("equiv", "loc")}, None)
+        eb = edit_batch(model, recs)
         with PeakMemory(model.device) as mem:
             t0 = time.perf_counter()
             edit = editor.edit(eb)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-        d = edit.deltas
-        post_e, e_exact, e_tok = _scores(model, eb, d)
-        post_q, q_exact, q_tok = _scores(model, qb, d)
-        post_loc, post_loc_exact, _ = _scores(model, lb, d)
-        ans_mask = lb.labels != -100
+        post = _probe(model, groups, edit.deltas)
+        e_exact, e_tok = argmax_scores(*post["edit"])
+        q_exact, q_tok = argmax_scores(*post["equiv"])
+        pre_q_exact, _ = argmax_scores(*pre["equiv"])
+        pre_loc_exact, _ = argmax_scores(*pre["loc"])
+        post_loc_exact, _ = argmax_scores(*post["loc"])
+        (pre_loc, loc_labels), (post_loc, _) = pre["loc"], post["loc"]
+        ans_mask = loc_labels != -100
         agree = argmax_agreement(pre_loc, post_loc, ans_mask)
         kl = per_seq_kl(pre_loc, post_loc, ans_mask)
-        rome: dict[str, torch.Tensor] = {}
-        known = [r.true_answer is not None and not classifier for r in recs]
-        if any(known):
-            with torch.no_grad():
-                idx = [i for i, k in enumerate(known) if k]
-                sub = [recs[i] for i in idx]
-                trues = [r.true_answer or "" for r in sub]
-                lp_new_e = seq_logprob(post_e, eb.labels)[idx]
-                lp_new_q = seq_logprob(post_q, qb.labels)[idx]
-                tb_e = collate(model, [r.prompt for r in sub], trues)
-                tb_q = collate(model, [r.equiv_prompt for r in sub], trues)
-                lp_true_e = seq_logprob(model.logits(tb_e.inputs, d), tb_e.labels)
-                lp_true_q = seq_logprob(model.logits(tb_q.inputs, d), tb_q.labels)
-                rome["efficacy"] = torch.zeros(len(recs)).fill_(float("nan"))
-                rome["paraphrase"] = torch.zeros(len(recs)).fill_(float("nan"))
-                rome["efficacy"][idx] = (lp_new_e > lp_true_e).float().cpu()
-                rome["paraphrase"][idx] = (lp_new_q > lp_true_q).float().cpu()
-                if rome_neighbourhood:
-                    nb_new = collate(model, [r.loc_prompt for r in sub], [r.target for r in sub])
-                    lp_nb_new = seq_logprob(model.logits(nb_new.inputs, d), nb_new.labels)
-                    lp_nb_true = seq_logprob(post_loc, lb.labels)[idx]
-                    rome["neighbourhood"] = torch.zeros(len(recs)).fill_(float("nan"))
-                    rome["neighbourhood"][idx] = (lp_nb_true > lp_nb_new).float().cpu()
+        rome: dict[str, list[float]] = {}
+        if known:
+            nan = [float("nan")] * len(recs)
+            rome["efficacy"], rome["paraphrase"] = list(nan), list(nan)
+            lp = {k: seq_logprob(*post[k]).tolist() for k in post}
+            for j, i in enumerate(known):
+                rome["efficacy"][i] = float(lp["edit"][i] > lp["true_e"][j])
+                rome["paraphrase"][i] = float(lp["equiv"][i] > lp["true_q"][j])
+            if rome_neighbourhood:
+                rome["neighbourhood"] = list(nan)
+                for j, i in enumerate(known):
+                    rome["neighbourhood"][i] = float(lp["loc"][i] > lp["nb_new"][j])
         for i, r in enumerate(recs):
             row: dict[str, Any] = {
                 "case_id": r.case_id,
@@ -205,7 +245,7 @@ def evaluate(
                 "edit_peak_mem_mb": mem.mb,
             }
             for k, v in rome.items():
-                row[k] = float(v[i])
+                row[k] = v[i]
             rows.append(row)
         if progress:
             progress(len(rows), len(records))

@@ -1,0 +1,240 @@
+"""``python -m bench.perf``: speed and memory of editors as ratios measured in one run.
+
+```
+python -m bench.perf --model smollm2-135m [--batch-size B] [--repeats N] [--ft-steps K] --out perf.json
+```
+
+Reports (JSON keys in brackets), medians of ``--repeats`` repetitions after warm-up:
+- MEND edit latency / one full forward+backward of the base model (every parameter) on the same tokens
+  [``ratio.mend_edit``], target <= 1.0;
+- a MEND training step / the sum of its component passes (edit fwd+bwd, edited fwd+bwd on x'_e, fwd on x_loc
+  before and after) [``ratio.mend_train_step``], target <= 1.25;
+- FT edit latency with K steps / K forward+backwards to the edited weights [``ratio.ft_edit``], target <= 1.1;
+- peak memory of a MEND training step and of an edit [``mem.mend_train_mb``, ``mem.mend_edit_mb``], and for
+  every other learned editor its training step [``mem.<name>_train_mb``] with ratios to MEND, each measured in a
+  fresh subprocess (CPU: resident high-water mark above the start; CUDA: max_memory_allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger("bench.perf")
+
+TARGETS = {"ratio.mend_edit": 1.0, "ratio.mend_train_step": 1.25, "ratio.ft_edit": 1.1}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _setup(model_name: str, batch_size: int, device: str, method: str = "mend", hparams: dict | None = None):
+    from bench.data import edit_batch, equiv_batch, load_task, loc_batch
+    from bench.models import load_model
+    from methods import get_editor
+
+    model = load_model(model_name, device=device)
+    recs = load_task("zsre", seed=0)["test"][:batch_size]
+    editor = get_editor(method)(model, hparams or {})
+    return model, recs, editor, edit_batch(model, recs), equiv_batch(model, recs), loc_batch(model, recs)
+
+
+def _train_step_fn(editor: Any, recs: list) -> Callable[[], None]:
+    params = [p for g in editor.param_groups() for p in g["params"]]
+    opt = torch.optim.Adam(editor.param_groups())
+    editor.train(True)
+
+    def step() -> None:
+        loss = editor._losses(recs)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, editor.hparams.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def memory_child(model_name: str, method: str, what: str, batch_size: int, device: str) -> float:
+    """Peak MB of one MEND/ENN/KE training step (``what='train'``) or one edit (``'edit'``) in this process."""
+    from bench.metrics import PeakMemory
+
+    model, recs, editor, eb, _, _ = _setup(model_name, batch_size, device, method)
+    if what == "train":
+        fn = _train_step_fn(editor, recs)
+    else:
+        editor.train(False)
+
+        def fn() -> None:
+            editor.edit(eb)
+
+    fn()  # warm-up: allocator pools, optimizer state
+    with PeakMemory(model.device) as mem:
+        fn()
+    return mem.mb
+
+
+def _memory_subprocess(model: str, method: str, what: str, batch_size: int, device: str) -> float:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.perf", "--model", model, "--batch-size", str(batch_size), "--device", device,
+         "--memory-child", f"{method}:{what}"],
+        capture_output=True, text=True, timeout=1800,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe {method}:{what} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run(model_name: str, batch_size: int, repeats: int, warmup: int, ft_steps: int, device: str) -> dict[str, Any]:
+    from bench.losses import kl_div, loc_mask, nll
+    from methods import REGISTRY
+    from methods.ft import FT
+    from methods.mend import capture_factors
+
+    model, recs, mend, eb, qb, lb = _setup(model_name, batch_size, device)
+    dev = model.device
+    res: dict[str, Any] = {"model": model_name, "batch_size": batch_size, "repeats": repeats,
+                           "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+                           "n_edit_tokens": int(eb.inputs["attention_mask"].sum())}
+
+    def full_fwd_bwd() -> None:
+        params = list(model.model.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            nll(model.logits(eb.inputs), eb.labels).backward()
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+
+    deltas0 = {n: torch.zeros_like(w) for n, w in model.weights().items()}
+
+    def edit_fwd_bwd(batch: Any = eb) -> None:
+        ds = {n: d.clone().requires_grad_() for n, d in deltas0.items()}
+        nll(model.logits(batch.inputs, ds), batch.labels).backward()
+
+    t_full = median_time(full_fwd_bwd, repeats, warmup, dev)
+    t_edit_fb = median_time(edit_fwd_bwd, repeats, warmup, dev)
+    mend.train(False)
+    t_mend_edit = median_time(lambda: mend.edit(eb), repeats, warmup, dev)
+
+    # MEND training step and its component passes.
+    with torch.no_grad():
+        pre = model.logits(lb.inputs)
+    lmask = loc_mask(lb.inputs, lb.labels, model.kind)
+    step = _train_step_fn(mend, recs)
+    t_step = median_time(step, repeats, warmup, dev)
+    mend.train(False)
+
+    def loc_before() -> None:
+        with torch.no_grad():
+            model.logits(lb.inputs)
+
+    def loc_after_fwd_bwd() -> None:
+        ds = {n: d.clone().requires_grad_() for n, d in deltas0.items()}
+        kl_div(pre, model.logits(lb.inputs, ds), lmask).backward()
+
+    t_capture = median_time(lambda: capture_factors(model, eb), repeats, warmup, dev)
+    t_equiv = median_time(lambda: edit_fwd_bwd(qb), repeats, warmup, dev)
+    t_loc_pre = median_time(loc_before, repeats, warmup, dev)
+    t_loc_post = median_time(loc_after_fwd_bwd, repeats, warmup, dev)
+    components = t_capture + t_equiv + t_loc_pre + t_loc_post
+
+    ft = FT(model, {"optimizer": "rmsprop", "lr": 1e-5, "max_steps": ft_steps, "early_stop": False})
+    t_ft = median_time(lambda: ft.edit(eb), repeats, warmup, dev)
+
+    res.update({
+        "abs.full_fwd_bwd_s": t_full,
+        "abs.edit_params_fwd_bwd_s": t_edit_fb,
+        "abs.mend_edit_s": t_mend_edit,
+        "abs.mend_train_step_s": t_step,
+        "abs.mend_components_s": components,
+        "abs.component.edit_fwd_bwd_s": t_capture,
+        "abs.component.equiv_fwd_bwd_s": t_equiv,
+        "abs.component.loc_fwd_before_s": t_loc_pre,
+        "abs.component.loc_fwd_bwd_after_s": t_loc_post,
+        "abs.ft_edit_s": t_ft,
+        "ft_steps": ft_steps,
+        "ratio.mend_edit": t_mend_edit / t_full,
+        "ratio.mend_train_step": t_step / components,
+        "ratio.ft_edit": t_ft / (ft_steps * t_edit_fb),
+    })
+    del mend, ft
+    res["mem.mend_train_mb"] = _memory_subprocess(model_name, "mend", "train", batch_size, device)
+    res["mem.mend_edit_mb"] = _memory_subprocess(model_name, "mend", "edit", batch_size, device)
+    for name, cls in sorted(REGISTRY.items()):
+        if cls.requires_training and name != "mend":
+            res[f"mem.{name}_train_mb"] = _memory_subprocess(model_name, name, "train", batch_size, device)
+            res[f"ratio.mend_over_{name}_train_mem"] = res["mem.mend_train_mb"] / max(res[f"mem.{name}_train_mb"], 1e-9)
+    return res
+
+
+def _print(res: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"bench.perf: {res['model']}, batch {res['batch_size']}, {res['device']}")
+    for c in ("key", "value", "target"):
+        t.add_column(c)
+    for k, v in res.items():
+        target = TARGETS.get(k)
+        val = f"{v:.4g}" if isinstance(v, float) else str(v)
+        t.add_row(k, val, "" if target is None else f"<= {target}" + (" ok" if v <= target else " MISSED"))
+    Console(width=120).print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--ft-steps", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("batch_size", "repeats", "ft_steps"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    if args.memory_child:
+        method, what = args.memory_child.split(":")
+        print(memory_child(args.model, method, what, args.batch_size, args.device))
+        return 0
+    res = run(args.model, args.batch_size, args.repeats, args.warmup, args.ft_steps, args.device)
+    _print(res)
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
