@@ -9,10 +9,15 @@ import torch
 from torch import Tensor
 
 
+def _up(x: Tensor) -> Tensor:
+    """Half-precision logits are scored in float32; float32/float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     """log p(label) at every position, 0 where masked; shape of ``labels``."""
     mask = labels != -100
-    lp = torch.log_softmax(logits.float(), dim=-1)
+    lp = torch.log_softmax(_up(logits), dim=-1)
     picked = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked * mask
 
@@ -28,23 +33,23 @@ def nll(logits: Tensor, labels: Tensor) -> Tensor:
     return -seq_logprob(logits, labels).mean()
 
 
-def kl_div(pre_logits: Tensor, post_logits: Tensor, mask: Tensor) -> Tensor:
-    """KL(p_pre || p_post) averaged over the positions where ``mask`` is true (a scalar).
+def _kl_per_position(pre_logits: Tensor, post_logits: Tensor) -> Tensor:
+    """KL(p_pre || p_post) at every position, with ``pre_logits`` treated as a constant target."""
+    pre = torch.log_softmax(_up(pre_logits.detach()), dim=-1)
+    post = torch.log_softmax(_up(post_logits), dim=-1)
+    return (pre.exp() * (pre - post)).sum(-1)
 
-    ``pre_logits`` is treated as a constant target distribution.
-    """
-    pre = torch.log_softmax(pre_logits.detach().float(), dim=-1)
-    post = torch.log_softmax(post_logits.float(), dim=-1)
-    kl = (pre.exp() * (pre - post)).sum(-1)
+
+def kl_div(pre_logits: Tensor, post_logits: Tensor, mask: Tensor) -> Tensor:
+    """KL(p_pre || p_post) averaged over the positions where ``mask`` is true (a scalar)."""
+    kl = _kl_per_position(pre_logits, post_logits)
     m = mask.to(kl.dtype)
     return (kl * m).sum() / m.sum().clamp(min=1)
 
 
 def per_seq_kl(pre_logits: Tensor, post_logits: Tensor, mask: Tensor) -> Tensor:
     """KL(p_pre || p_post) averaged over each sequence's masked positions, shape (B,)."""
-    pre = torch.log_softmax(pre_logits.detach().float(), dim=-1)
-    post = torch.log_softmax(post_logits.float(), dim=-1)
-    kl = (pre.exp() * (pre - post)).sum(-1)
+    kl = _kl_per_position(pre_logits, post_logits)
     m = mask.to(kl.dtype)
     return (kl * m).sum(-1) / m.sum(-1).clamp(min=1)
 

@@ -6,13 +6,17 @@ A new editor is one file defining an :class:`~methods.base.Editor` subclass plus
 from __future__ import annotations
 
 from methods.base import Budget, Edit, Editor, FitResult, Hparams
+from methods.enn import ENN
 from methods.ft import FT, FTKL
+from methods.ke import KE
 from methods.mend import MEND
 
 REGISTRY: dict[str, type[Editor]] = {
     FT.name: FT,
     FTKL.name: FTKL,
     MEND.name: MEND,
+    ENN.name: ENN,
+    KE.name: KE,
 }
 
 

@@ -1,0 +1,133 @@
+"""ENN and KE: differentiable inner step, base-model anchoring, conditioning, checkpoints, statelessness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.data import collate, edit_batch, equiv_batch, loc_batch
+from bench.losses import kl_div, loc_mask, nll
+from bench.models import load_model
+from methods import Budget
+from methods.base import weights_digest
+from methods.enn import ENN
+from methods.ke import KE
+from tests.conftest import tiny
+
+KE_SMALL = {"hidden_dim": 32, "condition_dim": 32, "lr": 1e-2}
+
+
+def test_declared_properties() -> None:
+    assert ENN.requires_training and ENN.modifies_base_model and not ENN.uses_training_data_at_edit_time
+    assert KE.requires_training and not KE.modifies_base_model
+    assert ENN.Hparams().lr == 1e-5 and ENN.Hparams().step_lr == 1e-3 and ENN.Hparams().inner_lr == 1e-2
+    assert ENN.Hparams().c_edit == 0.1 and ENN.Hparams().c_base == 1.0 and KE.Hparams().lr == 1e-5
+
+
+def test_enn_inner_step_gradient_matches_finite_differences(zsre) -> None:
+    m = load_model("tiny-gpt2", dtype=torch.float64)
+    ed = ENN(m, {"inner_lr": 0.05})
+    recs = zsre["test"][:1]
+    eb, qb = edit_batch(m, recs), equiv_batch(m, recs)
+
+    def post_loss() -> torch.Tensor:
+        return nll(m.logits(qb.inputs, ed.edit(eb).deltas), qb.labels)
+
+    ed.train(True)
+    (grad,) = torch.autograd.grad(post_loss(), [ed.steps.lr])
+    ed.train(False)
+    eps = 1e-5
+    for i in (0, 3, 5):
+        with torch.no_grad():
+            ed.steps.lr[i] += eps
+        up = float(post_loss())
+        with torch.no_grad():
+            ed.steps.lr[i] -= 2 * eps
+        down = float(post_loss())
+        with torch.no_grad():
+            ed.steps.lr[i] += eps
+        fd = (up - down) / (2 * eps)
+        assert grad[i].item() == pytest.approx(fd, rel=1e-4, abs=1e-8), i
+
+
+def _kl_to_original(m, original_logits, probe, mask) -> float:
+    return float(kl_div(original_logits, m.logits(probe.inputs), mask))
+
+
+def test_enn_training_changes_the_base_and_c_base_keeps_it_close(zsre) -> None:
+    results = {}
+    for c_base in (0.0, 1.0):
+        m = load_model("tiny-gpt2")
+        probe = loc_batch(m, zsre["val"][:8])
+        mask = loc_mask(probe.inputs, probe.labels, m.kind)
+        with torch.no_grad():
+            orig = m.logits(probe.inputs)
+        before = weights_digest(m)
+        torch.manual_seed(0)
+        ed = ENN(m, {"lr": 3e-3, "c_loc": 0.0, "c_edit": 1.0, "c_base": c_base})
+        ed.fit(zsre["train"], zsre["val"][:4], Budget(max_steps=30, val_every=30, patience=10))
+        ed.train(False)
+        # fit keeps the best state; force the final one to compare the anchors fairly
+        assert weights_digest(m) != before or c_base == 1.0
+        results[c_base] = _kl_to_original(m, orig, probe, mask)
+        assert all(not w.requires_grad for w in m.weights().values())
+    assert results[1.0] < results[0.0], results
+
+
+def test_enn_edit_leaves_no_state_and_round_trips(tmp_path, zsre) -> None:
+    m = load_model("tiny-gpt2")
+    ed = ENN(m, {"lr": 1e-3})
+    ed.fit(zsre["train"], zsre["val"][:4], Budget(max_steps=5, val_every=5))
+    a, b = edit_batch(m, zsre["test"][:1]), edit_batch(m, zsre["test"][1:2])
+    alone = ed.edit(b)
+    ed.edit(a)
+    again = ed.edit(b)
+    assert all(torch.equal(alone.deltas[n], again.deltas[n]) for n in m.edit_params)
+    path = ed.save(tmp_path / "enn")
+    fresh = load_model("tiny-gpt2")
+    other = ENN(fresh, {"lr": 1e-3})
+    other.load(path)  # carries the trained base weights and the step sizes
+    assert weights_digest(fresh) == weights_digest(m)
+    e2 = other.edit(b)
+    assert all(torch.allclose(alone.deltas[n], e2.deltas[n]) for n in m.edit_params)
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama"])  # Conv1D and Linear
+def test_ke_edit_at_init_is_well_defined(alias, zsre) -> None:
+    m = tiny(alias)
+    ed = KE(m, KE_SMALL)
+    e = ed.edit(edit_batch(m, zsre["test"][:2]))
+    for n, w in m.weights().items():
+        assert e.deltas[n].shape == w.shape and torch.isfinite(e.deltas[n]).all()
+        assert e.deltas[n].abs().sum() > 0
+
+
+def test_ke_conditioner_depends_on_the_edit_text() -> None:
+    m = tiny("tiny-gpt2")
+    ed = KE(m, KE_SMALL)
+    c = ed.condition(collate(m, ["Who wrote Hamlet?", "What is the capital of Peru?"], ["Marlowe", "Cusco"]))
+    assert c.shape == (2, 32) and not torch.allclose(c[0], c[1])
+
+
+def test_ke_short_training_improves_validation_and_round_trips(tmp_path, zsre) -> None:
+    m = tiny("tiny-llama")
+    before = weights_digest(m)
+    torch.manual_seed(0)
+    ed = KE(m, KE_SMALL)
+    val = zsre["val"][:8]
+    untrained = ed.validate(val)
+    ed.fit(zsre["train"], val, Budget(max_steps=40, val_every=20, patience=5))
+    trained = ed.validate(val)
+    assert trained["val_loss"] < untrained["val_loss"] and trained["val_L_e"] < untrained["val_L_e"]
+    assert trained["val_es"] >= untrained["val_es"]
+    assert weights_digest(m) == before
+    b = edit_batch(m, zsre["test"][:2])
+    path = ed.save(tmp_path / "ke")
+    other = KE(m, KE_SMALL)
+    other.load(path)
+    e1, e2 = ed.edit(b), other.edit(b)
+    assert all(torch.equal(e1.deltas[n], e2.deltas[n]) for n in m.edit_params)
+    # stateless, and a batched KE edit is the sum of its requests' edits
+    singles = [ed.edit(edit_batch(m, [r])) for r in zsre["test"][:2]]
+    for n in m.edit_params:
+        assert torch.allclose(e1.deltas[n], singles[0].deltas[n] + singles[1].deltas[n], atol=1e-6)
