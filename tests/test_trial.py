@@ -1,0 +1,43 @@
+"""run_trial end to end (no Ray): every editor on the seq2seq family and the learned editors on GPT-2, each
+leaving one FINISHED MLflow run with its metrics, per-edit table and (learned editors) checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.config import Sweep, plan
+from bench.tracking import client, prepare_experiment, runs_frame
+from bench.trial import REQUIRED_METRICS, run_trial
+
+HP = {
+    "ft": {"lr": 1e-2, "max_steps": 3},
+    "ft_kl": {"lr": 1e-2, "max_steps": 3, "loc_batch_size": 2},
+    "mend": {"lr": 1e-3, "rank": 8},
+    "enn": {"lr": 1e-3},
+    "ke": {"lr": 1e-3, "hidden_dim": 16, "condition_dim": 16},
+}
+CASES = [(m, model) for model in ("tiny-t5", "tiny-bart") for m in HP] + [
+    (m, "tiny-gpt2") for m in ("mend", "enn", "ke")]
+
+
+@pytest.mark.parametrize("method,model", CASES)
+def test_trial_end_to_end(method: str, model: str, tmp_path) -> None:
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    sweep = Sweep(name="t", n_edits=3, models=[{"name": model}], datasets=[{"name": "zsre", "n_train": 16,
+                  "n_val": 4}], methods=[{"name": method, "hparams": HP[method],
+                                          "budget": {"max_steps": 4, "val_every": 2, "val_edits": 2}}])
+    (point,) = plan(sweep)
+    prepare_experiment(uri, "t")
+    metrics = run_trial(point, uri, "t")
+    df = runs_frame(uri, "t")
+    assert df.height == 1 and df["status"][0] == "FINISHED"
+    for key in REQUIRED_METRICS:
+        assert key in df.columns, key
+        assert df[key][0] == pytest.approx(metrics[key])
+    arts = {a.path for a in client(uri).list_artifacts(df["run_id"][0])}
+    learned = method in ("mend", "enn", "ke")
+    assert arts == ({"per_edit.parquet", "editor"} if learned else {"per_edit.parquet"})
+    assert df["t.base_model_changed"][0] == str(method == "enn")
+    if learned:
+        hist = client(uri).get_metric_history(df["run_id"][0], "val_es")
+        assert [m.step for m in hist][:2] == [0, 2]  # validation before training and every val_every steps
