@@ -83,6 +83,23 @@ def _summary(tracking_uri: str, experiment: str, sweep_id: str) -> Any:
     return df.select(cols).with_columns([pl.col(c).round(3) for c in num]).sort(["dataset", "model", "method"])
 
 
+def _finish(uri: str, experiment: str, sweep_text: str, sweep_path: str, df: Any) -> None:
+    """Put the sweep file and its summary table in the experiment's description and write the report."""
+    from bench import report, tracking
+
+    summary = report.to_markdown(df.columns, [["" if v is None else str(v) for v in r] for r in df.iter_rows()])
+    tracking.prepare_experiment(
+        uri, experiment, f"Sweep `{sweep_path}`\n\n```yaml\n{sweep_text}\n```\n\n## Last summary\n\n{summary}\n")
+    out = Path("reports") / experiment
+    try:
+        report.build(uri, experiment, out, ["md", "csv", "tex", "html"])
+        report.log_report(uri, experiment, out)
+        print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    except Exception as e:  # a report problem must not hide the sweep's own result
+        log.warning("report for %s not written: %s", experiment, e)
+        print(f"report not written: {e}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -166,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in df.iter_rows():
         table.add_row(*["" if v is None else str(v) for v in row])
     Console(width=200).print(table)
-    print(f"MLflow: {uri}  experiment {experiment!r}; browse with: mlflow ui --backend-store-uri {uri}")
+    _finish(uri, experiment, sweep_text, args.sweep, df)
+    print(f"MLflow: {uri}  experiment {experiment!r}; browse with: python -m bench.ui --tracking-uri {uri}")
     if errors:
         for e in errors:
             print(f"trial failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}",

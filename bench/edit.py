@@ -1,0 +1,158 @@
+"""``python -m bench.edit``: the paper's Table 2, interactive, from a trained editor logged by a sweep.
+
+```
+python -m bench.edit --run RUN_ID --prompt "Who is the UK PM?" --target "Boris Johnson" \\
+    [--probe "Who leads the UK government?"]... [--then "PROMPT=TARGET"]... [--tracking-uri URI]
+```
+
+Loads the run's model and editor (with its checkpoint, for learned editors), prints the model's output for the
+prompt and every probe before the edit, applies the edit, and prints them after it (greedy generation for
+causal/seq2seq models, the label for classifiers). ``--then`` chains further edits in sequence: each is computed
+on the already-edited model and composed with the previous ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+
+class EditCliError(ValueError):
+    """A run that cannot be used for interactive editing; the message says why."""
+
+
+@contextmanager
+def weights_applied(model: Any, deltas: Mapping[str, Tensor]) -> Iterator[None]:
+    """Temporarily set W <- W + dW in place (for sequential edits); the exact original weights come back after."""
+    named = dict(model.model.named_parameters())
+    saved = {n: named[n].detach().clone() for n in deltas}
+    try:
+        with torch.no_grad():
+            for n, d in deltas.items():
+                named[n].add_(d)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                named[n].copy_(w)
+
+
+@torch.no_grad()
+def generate(model: Any, prompt: str, deltas: Mapping[str, Tensor] | None, max_new_tokens: int = 20) -> str:
+    """Greedy output of the (edited) model: generated text, or the label for a classifier."""
+    tok = model.tokenizer
+    if model.kind == "classifier":
+        enc = tok([prompt], return_tensors="pt").to(model.device)
+        label = int(model.logits(dict(enc), deltas)[0, 0].argmax())
+        names = getattr(model.model.config, "id2label", None) or {}
+        return f"{label} ({names.get(label, names.get(str(label), ''))})".replace(" ()", "")
+    eos = tok.eos_token_id
+    if model.kind == "seq2seq":
+        enc = tok([prompt], return_tensors="pt").to(model.device)
+        start = model.model.config.decoder_start_token_id
+        dec = torch.tensor([[start]], device=model.device)
+        for _ in range(max_new_tokens):
+            logits = model.logits({**enc, "decoder_input_ids": dec}, deltas)
+            nxt = int(logits[0, -1].argmax())
+            if nxt == eos:
+                break
+            dec = torch.cat([dec, torch.tensor([[nxt]], device=model.device)], 1)
+        return tok.decode(dec[0, 1:], skip_special_tokens=True).strip()
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]], device=model.device)
+    n0 = ids.shape[1]
+    for _ in range(max_new_tokens):
+        logits = model.logits({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, deltas)
+        nxt = int(logits[0, -1].argmax())
+        if nxt == eos:
+            break
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=model.device)], 1)
+    return tok.decode(ids[0, n0:], skip_special_tokens=True).strip()
+
+
+def load_editor_from_run(uri: str, run_id: str) -> tuple[Any, Any]:
+    """(EditableModel, editor) rebuilt from an MLflow trial run and its ``editor`` checkpoint artifact."""
+    from mlflow.exceptions import MlflowException
+
+    from bench.models import load_model
+    from bench.tracking import client
+    from methods import get_editor
+
+    c = client(uri)
+    try:
+        run = c.get_run(run_id)
+    except MlflowException:
+        raise EditCliError(f"unknown run id {run_id!r} in {uri}") from None
+    p = run.data.params
+    if "method_class" not in p:
+        raise EditCliError(f"run {run_id} is not a trial run (no method param)")
+    cls = get_editor(p["method_class"])
+    hparams = {k[len("hparams."):]: v for k, v in p.items() if k.startswith("hparams.")}
+    edit_params = p.get("edit_params", "").split(",") if p.get("edit_params") else None
+    has_ckpt = any(a.path == "editor" for a in c.list_artifacts(run_id))
+    if cls.requires_training and not has_ckpt:
+        raise EditCliError(f"run {run_id} ({p['method_class']}) has no editor checkpoint artifact to load")
+    if cls.uses_training_data_at_edit_time:
+        raise EditCliError(f"run {run_id}: {p['method_class']} needs training data at edit time; use ft or a "
+                           "learned editor's run")
+    model = load_model(p["model"], edit_params)
+    editor = cls(model, hparams)  # pydantic turns the logged strings back into typed values
+    if has_ckpt:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = c.download_artifacts(run_id, "editor", tmp)
+            editor.load(Path(local))
+    return model, editor
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.data import collate
+    from bench.tracking import default_tracking_uri
+    from methods.base import Edit
+
+    ap = argparse.ArgumentParser(prog="python -m bench.edit", description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="MLflow run id of a trial (see the MLflow UI)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--target", required=True, help="new answer (a label id for classifiers)")
+    ap.add_argument("--probe", action="append", default=[], help="another input to show before/after")
+    ap.add_argument("--then", action="append", default=[], metavar="PROMPT=TARGET", help="a further edit, in order")
+    ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=20)
+    args = ap.parse_args(argv)
+    chain = [(args.prompt, args.target)]
+    for item in args.then:
+        if "=" not in item:
+            print(f"error: --then {item!r} must be PROMPT=TARGET", file=sys.stderr)
+            return 2
+        p, t = item.rsplit("=", 1)
+        chain.append((p.strip(), t.strip()))
+    uri = args.tracking_uri or default_tracking_uri()
+    try:
+        model, editor = load_editor_from_run(uri, args.run)
+    except EditCliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shown = [args.prompt, *args.probe, *[p for p, _ in chain[1:]]]
+    print("before the edit:")
+    for text in shown:
+        print(f"  {text!r} -> {generate(model, text, None, args.max_new_tokens)!r}")
+    total = Edit({})
+    for i, (prompt, target) in enumerate(chain):
+        tgt: Any = int(target) if model.kind == "classifier" else target
+        batch = collate(model, [prompt], [tgt])
+        with weights_applied(model, total.deltas):  # sequential: edit the already-edited model
+            step = editor.edit(batch).detach()
+        total = total + step
+        print(f"after edit {i + 1} ({prompt!r} -> {target!r}):")
+        for text in shown:
+            print(f"  {text!r} -> {generate(model, text, total.deltas, args.max_new_tokens)!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

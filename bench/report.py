@@ -1,0 +1,455 @@
+"""``python -m bench.report``: the paper's tables and plots regenerated from the MLflow runs of an experiment.
+
+```
+python -m bench.report --experiment NAME [--tracking-uri URI] [--out reports/NAME] [--format md,csv,tex,html]
+```
+
+Writes, from the FINISHED trial runs of the experiment (read with MLflow's search API into polars):
+1. Table 1 measured: Preserves model? / Only (x_e, y_e)? / Batched edits? / Scales to 10B? / Few steps?, each cell
+   decided from evidence in the runs, with the evidence beside it, or "no evidence" when the runs hold none.
+2. Table 3/4 style: editors x (dataset / model), ES and drawdown as mean +- 95% CI with the number of edits;
+   the best ES per column is marked.
+3. Table 5 style: ES and drawdown against edit batch size per editor.
+4. Cost table: training wall time and peak memory, edit latency and peak memory, optimiser steps per edit.
+5. Plots: ES vs drawdown per task, ES vs batch size, memory per editor (PNG; embedded in the HTML).
+The report is also logged to MLflow as a run of its own (tag ``editbench.kind = report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bench.report")
+
+REPORT_TAG = "editbench.kind"
+# Thresholds behind Table 1's ticks (stated in the report next to each cell).
+BATCH_KEEP_FRACTION = 0.8   # batched ES must stay within this fraction of single-edit ES
+SCALE_LIMIT_GB = 80.0       # extrapolated peak memory at 10B parameters must fit one 80 GB accelerator
+FEW_STEPS = 1.0             # at most this many optimiser steps per edit
+
+
+class ReportError(ValueError):
+    """An experiment that cannot be reported (unknown, or without finished trial runs)."""
+
+
+@dataclass
+class Report:
+    """The tables (header + rows of strings) and plot files of one experiment."""
+
+    experiment: str
+    tables: dict[str, tuple[list[str], list[list[str]]]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    plots: dict[str, Path] = field(default_factory=dict)
+    n_runs: int = 0
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+def load_runs(uri: str, experiment: str) -> Any:
+    """FINISHED trial runs of ``experiment`` as polars, with typed columns method/model/dataset/bs/model_params."""
+    import polars as pl
+
+    from bench.tracking import client, runs_frame
+
+    if client(uri).get_experiment_by_name(experiment) is None:
+        raise ReportError(f"unknown experiment {experiment!r} in {uri}")
+    df = runs_frame(uri, experiment)
+    if df.is_empty() or "p.method" not in df.columns:
+        raise ReportError(f"experiment {experiment!r} has no trial runs")
+    df = df.filter(pl.col("status") == "FINISHED")
+    if f"t.{REPORT_TAG}" in df.columns:
+        df = df.filter(pl.col(f"t.{REPORT_TAG}").is_null())
+    if df.is_empty():
+        raise ReportError(f"experiment {experiment!r} has no FINISHED trial runs")
+    casts = [pl.col("p.method").alias("method"), pl.col("p.model").alias("model"),
+             pl.col("p.dataset").alias("dataset"), pl.col("p.edit_batch_size").cast(pl.Int64).alias("bs")]
+    if "p.model_params" in df.columns:
+        casts.append(pl.col("p.model_params").cast(pl.Float64).alias("model_params"))
+    return df.with_columns(casts)
+
+
+def _num(row: dict, key: str) -> float:
+    v = row.get(key)
+    return float("nan") if v is None else float(v)
+
+
+def _pm(mean: float, ci: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {ci:.{digits}f}" if not math.isnan(ci) else f"{mean:.{digits}f}"
+
+
+def _cell_runs(df: Any, **eq: Any) -> list[dict]:
+    import polars as pl
+
+    sub = df
+    for k, v in eq.items():
+        sub = sub.filter(pl.col(k) == v)
+    return sub.to_dicts()
+
+
+def _pooled(runs: list[dict], key: str) -> tuple[float, float, int]:
+    """Edit-weighted mean of a metric over runs, its pooled CI half-width, and the number of edits."""
+    ns = [_num(r, "n_edits") for r in runs]
+    vals = [_num(r, key) for r in runs]
+    cis = [_num(r, f"{key}_ci95") for r in runs]
+    pairs = [(n, v, c) for n, v, c in zip(ns, vals, cis) if not math.isnan(v)]
+    if not pairs:
+        return float("nan"), float("nan"), 0
+    total = sum(n for n, _, _ in pairs)
+    mean = sum(n * v for n, v, _ in pairs) / total
+    ci = math.sqrt(sum((n / total) ** 2 * c ** 2 for n, _, c in pairs if not math.isnan(c)))
+    return mean, ci, int(total)
+
+
+# --------------------------------------------------------------------------------------------------- tables
+
+
+def table_results(df: Any) -> tuple[list[str], list[list[str]], str]:
+    """Table 3/4 style at the smallest batch size of each column."""
+    cols = sorted({(r["dataset"], r["model"]) for r in df.select("dataset", "model").to_dicts()})
+    methods = sorted(df["method"].unique().to_list())
+    best: dict[tuple, str] = {}
+    cells: dict[tuple, tuple[float, str]] = {}
+    for ds, model in cols:
+        bs = int(df.filter((df["dataset"] == ds) & (df["model"] == model))["bs"].min())
+        for m in methods:
+            runs = _cell_runs(df, method=m, dataset=ds, model=model, bs=bs)
+            if not runs:
+                continue
+            es, es_ci, n = _pooled(runs, "es")
+            dd, dd_ci, _ = _pooled(runs, "drawdown")
+            agree, _, _ = _pooled(runs, "loc_agree")
+            text = f"ES {_pm(es, es_ci)}; DD {_pm(dd, dd_ci)}; agree {agree:.3f} (n={n})"
+            cells[(m, ds, model)] = (es, text)
+        col_cells = [(es, m) for (m, d, mo), (es, _) in cells.items() if (d, mo) == (ds, model) and not math.isnan(es)]
+        if col_cells:
+            best[(ds, model)] = max(col_cells)[1]
+    header = ["editor"] + [f"{ds} / {model}" for ds, model in cols]
+    rows = []
+    for m in methods:
+        row = [m]
+        for ds, model in cols:
+            c = cells.get((m, ds, model))
+            text = "-" if c is None else c[1]
+            row.append(f"**{text}**" if best.get((ds, model)) == m and c else text)
+        rows.append(row)
+    note = ("ES = edit success on the equivalence input (MEND style); DD = drawdown (locality accuracy before minus "
+            "after); agree = share of locality answer tokens whose argmax is unchanged; mean ± 95% CI over n edits; "
+            "bold = best ES in the column; smallest edit batch size of each column.")
+    return header, rows, note
+
+
+def table_batch(df: Any) -> tuple[list[str], list[list[str]], str]:
+    """Table 5 style: ES / drawdown per editor and edit batch size, per dataset / model."""
+    sizes = sorted(df["bs"].unique().to_list())
+    header = ["dataset / model", "editor"] + [f"B={b}" for b in sizes]
+    rows = []
+    for key in sorted({(r["dataset"], r["model"], r["method"]) for r in df.select("dataset", "model", "method").to_dicts()}):
+        ds, model, m = key
+        row = [f"{ds} / {model}", m]
+        for b in sizes:
+            runs = _cell_runs(df, method=m, dataset=ds, model=model, bs=b)
+            if not runs:
+                row.append("-")
+                continue
+            es, _, _ = _pooled(runs, "es")
+            dd, _, _ = _pooled(runs, "drawdown")
+            row.append(f"ES {es:.3f} / DD {dd:.3f}")
+        rows.append(row)
+    return header, rows, "Each batch is one edit call on B requests; ES and drawdown are over all B requests."
+
+
+def table_cost(df: Any) -> tuple[list[str], list[list[str]], str]:
+    header = ["editor", "model", "train time (s)", "train peak mem (MB)", "edit time (s)", "edit peak mem (MB)",
+              "steps / edit"]
+    rows = []
+    for key in sorted({(r["method"], r["model"]) for r in df.select("method", "model").to_dicts()}):
+        runs = _cell_runs(df, method=key[0], model=key[1])
+
+        def mean(k: str) -> float:
+            vals = [_num(r, k) for r in runs if not math.isnan(_num(r, k))]
+            return sum(vals) / len(vals) if vals else float("nan")
+
+        rows.append([key[0], key[1], f"{mean('train_time_s'):.1f}", f"{mean('train_peak_mem_mb'):.0f}",
+                     f"{mean('edit_time_s'):.3f}", f"{mean('edit_peak_mem_mb'):.0f}", f"{mean('edit_steps'):.2f}"])
+    return header, rows, ("Means over runs. Peak memory above the level at the start of fit / edit (CUDA: "
+                          "max_memory_allocated; CPU: resident high-water mark).")
+
+
+def table_properties(df: Any) -> tuple[list[str], list[list[str]], str]:
+    """Table 1, measured: every cell from evidence in the runs."""
+    header = ["editor", "Preserves model?", "Only (x_e, y_e)?", "Batched edits?", "Scales to 10B?", "Few steps?"]
+    rows = []
+    for m in sorted(df["method"].unique().to_list()):
+        runs = _cell_runs(df, method=m)
+        rows.append([m, _preserves(runs), _only_xy(runs), _batched(runs), _scales(runs), _few_steps(runs)])
+    note = (f"Batched: ES at the largest batch size stays >= {BATCH_KEEP_FRACTION:.0%} of single-edit ES. Scales: "
+            f"peak memory (training, else edit) fitted linearly against parameter count on >= 2 model sizes and "
+            f"extrapolated to 10B parameters, tick when <= {SCALE_LIMIT_GB:.0f} GB. Few steps: <= {FEW_STEPS:g} "
+            "optimiser step per edit.")
+    return header, rows, note
+
+
+def _tag(runs: list[dict], key: str) -> list[str]:
+    return [r.get(f"t.{key}") for r in runs if r.get(f"t.{key}") is not None]
+
+
+def _preserves(runs: list[dict]) -> str:
+    vals = _tag(runs, "base_model_changed")
+    if not vals:
+        return "no evidence (no base-weight hashes logged)"
+    changed = sum(v == "True" for v in vals)
+    if changed:
+        return f"✗ base-weight SHA-256 changed after fit in {changed}/{len(vals)} runs"
+    return f"✓ base-weight SHA-256 unchanged after fit in {len(vals)}/{len(vals)} runs"
+
+
+def _only_xy(runs: list[dict]) -> str:
+    vals = _tag(runs, "uses_training_data_at_edit_time")
+    if not vals:
+        return "no evidence (property not logged)"
+    used = sum(v == "True" for v in vals)
+    return (f"✗ read training data at edit time ({used}/{len(vals)} runs)" if used
+            else f"✓ no training data read at edit time ({len(vals)} runs)")
+
+
+def _batched(runs: list[dict]) -> str:
+    sizes = sorted({int(r["bs"]) for r in runs})
+    if len(sizes) < 2 or sizes[0] != 1:
+        return f"no evidence (only batch size {sizes[-1]} run)" if len(sizes) < 2 else "no evidence (no B=1 run)"
+    single, _, _ = _pooled([r for r in runs if int(r["bs"]) == 1], "es")
+    big = sizes[-1]
+    batched, _, _ = _pooled([r for r in runs if int(r["bs"]) == big], "es")
+    ok = single > 0 and batched >= BATCH_KEEP_FRACTION * single
+    return f"{'✓' if ok else '✗'} ES {batched:.3f} at B={big} vs {single:.3f} at B=1"
+
+
+def _scales(runs: list[dict]) -> str:
+    pts: dict[float, float] = {}
+    for r in runs:
+        p = _num(r, "model_params")
+        mem = max(_num(r, "train_peak_mem_mb") if not math.isnan(_num(r, "train_peak_mem_mb")) else 0.0,
+                  _num(r, "edit_peak_mem_mb") if not math.isnan(_num(r, "edit_peak_mem_mb")) else 0.0)
+        if not math.isnan(p) and mem > 0:
+            pts[p] = max(pts.get(p, 0.0), mem)
+    if len(pts) < 2:
+        return f"no evidence (peak memory on {len(pts)} model size(s); need >= 2)"
+    xs, ys = list(pts), [pts[x] for x in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-30)
+    if slope <= 0:
+        return f"no evidence (peak memory does not grow with size over the {len(pts)} sizes run; too small to fit)"
+    at10b_gb = (my + slope * (1e10 - mx)) / 1024
+    return f"{'✓' if at10b_gb <= SCALE_LIMIT_GB else '✗'} {at10b_gb:.1f} GB extrapolated from {len(pts)} sizes"
+
+
+def _few_steps(runs: list[dict]) -> str:
+    vals = [_num(r, "edit_steps") for r in runs if not math.isnan(_num(r, "edit_steps"))]
+    if not vals:
+        return "no evidence (edit_steps not logged)"
+    mean = sum(vals) / len(vals)
+    return f"{'✓' if mean <= FEW_STEPS else '✗'} {mean:.2f} optimiser steps per edit"
+
+
+# --------------------------------------------------------------------------------------------------- plots
+
+
+def make_plots(df: Any, out: Path) -> dict[str, Path]:
+    """ES vs drawdown per task, ES vs batch size, memory per editor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots: dict[str, Path] = {}
+    rows = df.to_dicts()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if int(r["bs"]) != int(df["bs"].min()):
+            continue
+        ax.scatter(_num(r, "drawdown"), _num(r, "es"))
+        ax.annotate(f"{r['method']} ({r['dataset']}/{r['model']})", (_num(r, "drawdown"), _num(r, "es")), fontsize=7)
+    ax.set_xlabel("drawdown")
+    ax.set_ylabel("edit success (ES)")
+    ax.set_title("ES vs drawdown")
+    plots["es_vs_drawdown"] = _save(fig, out / "es_vs_drawdown.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted({(r["method"], r["dataset"], r["model"]) for r in rows}):
+        pts = sorted((int(r["bs"]), _num(r, "es")) for r in rows if (r["method"], r["dataset"], r["model"]) == key)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} / {key[1]}")
+    ax.set_xscale("log")
+    ax.set_xlabel("edit batch size")
+    ax.set_ylabel("ES")
+    ax.legend(fontsize=7)
+    ax.set_title("ES vs batch size")
+    plots["es_vs_batch"] = _save(fig, out / "es_vs_batch.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    methods = sorted({r["method"] for r in rows})
+    train = [max([_num(r, "train_peak_mem_mb") for r in rows if r["method"] == m and
+                  not math.isnan(_num(r, "train_peak_mem_mb"))] or [0.0]) for m in methods]
+    edit = [max([_num(r, "edit_peak_mem_mb") for r in rows if r["method"] == m and
+                 not math.isnan(_num(r, "edit_peak_mem_mb"))] or [0.0]) for m in methods]
+    xs = range(len(methods))
+    ax.bar([x - 0.2 for x in xs], train, width=0.4, label="training")
+    ax.bar([x + 0.2 for x in xs], edit, width=0.4, label="edit")
+    ax.set_xticks(list(xs), methods)
+    ax.set_ylabel("peak memory (MB)")
+    ax.legend()
+    ax.set_title("Memory per editor")
+    plots["memory"] = _save(fig, out / "memory.png")
+    return plots
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- output
+
+TITLES = {
+    "table1": "Table 1 (measured): editor properties",
+    "results": "Table 3/4 style: edit success and drawdown",
+    "batch": "Table 5 style: batched edits",
+    "cost": "Cost",
+}
+
+
+def to_markdown(header: list[str], rows: list[list[str]]) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def to_latex(header: list[str], rows: list[list[str]]) -> str:
+    def tex(s: str) -> str:
+        s = s.replace("**", "")
+        for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                     ("±", r"$\pm$"), ("✓", r"\checkmark{}"), ("✗", r"$\times$"), (">=", r"$\geq$"),
+                     ("<=", r"$\leq$")):
+            s = s.replace(a, b)
+        return s
+
+    lines = [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule", " & ".join(map(tex, header)) + r" \\",
+             r"\midrule"]
+    lines += [" & ".join(tex(c) for c in r) + r" \\" for r in rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def to_html(rep: Report) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(rep.experiment)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}th{background:#f4f4f4}</style></head><body>",
+             f"<h1>Editing report: {html.escape(rep.experiment)}</h1><p>{rep.n_runs} finished trial runs.</p>"]
+    for key, (header, rows) in rep.tables.items():
+        parts.append(f"<h2>{html.escape(TITLES[key])}</h2><table><tr>")
+        parts += [f"<th>{html.escape(h)}</th>" for h in header]
+        parts.append("</tr>")
+        for r in rows:
+            cells = []
+            for c in r:
+                bold = c.startswith("**") and c.endswith("**")
+                c = html.escape(c.strip("*"))
+                cells.append(f"<td>{'<b>' + c + '</b>' if bold else c}</td>")
+            parts.append("<tr>" + "".join(cells) + "</tr>")
+        parts.append(f"</table><p><small>{html.escape(rep.notes.get(key, ''))}</small></p>")
+    for name, path in rep.plots.items():
+        data = base64.b64encode(path.read_bytes()).decode()
+        parts.append(f"<h2>{html.escape(name)}</h2><img alt='{name}' src='data:image/png;base64,{data}'/>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def build(uri: str, experiment: str, out: Path, formats: list[str]) -> Report:
+    """Read the runs, write every table in ``formats`` and the plots into ``out``; return the report."""
+    df = load_runs(uri, experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = Report(experiment=experiment, n_runs=df.height)
+    for key, fn in (("table1", table_properties), ("results", table_results), ("batch", table_batch),
+                    ("cost", table_cost)):
+        header, rows, note = fn(df)
+        rep.tables[key] = (header, rows)
+        rep.notes[key] = note
+    rep.plots = make_plots(df, out)
+    if "md" in formats:
+        md = [f"# Editing report: {experiment}", "", f"{rep.n_runs} finished trial runs.", ""]
+        for key, (header, rows) in rep.tables.items():
+            md += [f"## {TITLES[key]}", "", to_markdown(header, rows), "", rep.notes[key], ""]
+        md += [f"![{k}]({p.name})" for k, p in rep.plots.items()]
+        (out / "report.md").write_text("\n".join(md) + "\n")
+    if "csv" in formats:
+        import csv
+
+        for key, (header, rows) in rep.tables.items():
+            with open(out / f"{key}.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(header)
+                w.writerows([[c.strip("*") for c in r] for r in rows])
+    if "tex" in formats:
+        (out / "report.tex").write_text("\n\n".join(f"% {TITLES[k]}\n" + to_latex(h, r)
+                                                    for k, (h, r) in rep.tables.items()) + "\n")
+    if "html" in formats:
+        (out / "report.html").write_text(to_html(rep))
+    return rep
+
+
+def log_report(uri: str, experiment: str, out: Path) -> str:
+    """Log the report folder as an MLflow run of its own in the experiment; returns its run id."""
+    from bench.tracking import trial_run
+
+    with trial_run(uri, experiment, f"report/{experiment}", {REPORT_TAG: "report"}) as run:
+        run.log_artifact(out, "report")
+        return run.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.tracking import default_tracking_uri
+
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    ap.add_argument("--experiment", required=True)
+    ap.add_argument("--tracking-uri", default=None, help="default: sqlite:///./mlruns.db")
+    ap.add_argument("--out", type=Path, default=None, help="default: reports/<experiment>")
+    ap.add_argument("--format", default="md,csv,tex,html")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log the report as an MLflow run")
+    args = ap.parse_args(argv)
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    bad = [f for f in formats if f not in ("md", "csv", "tex", "html")]
+    if bad:
+        print(f"error: --format {','.join(bad)} unknown; valid: md, csv, tex, html", file=sys.stderr)
+        return 2
+    uri = args.tracking_uri or default_tracking_uri()
+    out = args.out or Path("reports") / args.experiment
+    try:
+        rep = build(uri, args.experiment, out, formats)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.no_mlflow:
+        log_report(uri, args.experiment, out)
+    print((out / "report.md").read_text() if "md" in formats else "")
+    print(f"report written to {out}/" + (f" (HTML: {out / 'report.html'})" if "html" in formats else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

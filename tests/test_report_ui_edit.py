@@ -1,0 +1,152 @@
+"""Reports from a small real sweep, the MLflow UI command, and the interactive edit demo."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from bench.config import Sweep, plan
+from bench.edit import main as edit_main
+from bench.report import build, load_runs, log_report
+from bench.report import main as report_main
+from bench.tracking import client, prepare_experiment, runs_frame
+from bench.trial import run_trial
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """ft and mend on tiny-gpt2 at edit batch sizes 1 and 2, logged like a sweep would."""
+    tmp = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{tmp / 'runs.db'}"
+    sweep = Sweep(name="rep", n_edits=4, edit_batch_size=[1, 2], models=["tiny-gpt2"],
+                  datasets=[{"name": "zsre", "n_train": 16, "n_val": 4}],
+                  methods=[{"name": "ft", "hparams": {"lr": 1e-2, "max_steps": 3}},
+                           {"name": "mend", "hparams": {"lr": 1e-3, "rank": 8, "edit_lr": 0.5},
+                            "budget": {"max_steps": 2, "val_every": 2, "val_edits": 2}}])
+    prepare_experiment(uri, "rep")
+    for point in plan(sweep):
+        run_trial(point, uri, "rep")
+    return uri, tmp
+
+
+def test_report_tables_match_the_runs(store) -> None:
+    uri, tmp = store
+    out = tmp / "report"
+    rep = build(uri, "rep", out, ["md", "csv", "tex", "html"])
+    assert set(rep.tables) == {"table1", "results", "batch", "cost"}
+    df = load_runs(uri, "rep")
+    assert df.height == 4
+    header, rows = rep.tables["results"]
+    assert header == ["editor", "zsre / tiny-gpt2"]
+    for row in rows:
+        r = df.filter((df["method"] == row[0]) & (df["bs"] == 1)).to_dicts()[0]
+        assert f"ES {r['es']:.3f} ± {r['es_ci95']:.3f}" in row[1] and f"(n={int(r['n_edits'])})" in row[1]
+    _, batch_rows = rep.tables["batch"]
+    for row in batch_rows:
+        for bs, cell in zip((1, 2), row[2:]):
+            r = df.filter((df["method"] == row[1]) & (df["bs"] == bs)).to_dicts()[0]
+            assert cell == f"ES {r['es']:.3f} / DD {r['drawdown']:.3f}"
+    t1 = {r[0]: r[1:] for r in rep.tables["table1"][1]}
+    assert t1["mend"][0].startswith("✓") and t1["ft"][0].startswith("✓")  # hashes unchanged
+    assert t1["mend"][1].startswith("✓")
+    assert t1["mend"][3].startswith("no evidence") and "1 model size" in t1["mend"][3]
+    assert t1["mend"][4].startswith("✓ 0.00")
+    ft_steps = df.filter(df["method"] == "ft")["edit_steps"].mean()
+    assert t1["ft"][4].startswith("✓" if ft_steps <= 1 else "✗")
+    for m in ("ft", "mend"):
+        es1 = df.filter((df["method"] == m) & (df["bs"] == 1))["es"][0]
+        es2 = df.filter((df["method"] == m) & (df["bs"] == 2))["es"][0]
+        assert t1[m][2] == f"{'✓' if es1 > 0 and es2 >= 0.8 * es1 else '✗'} ES {es2:.3f} at B=2 vs {es1:.3f} at B=1"
+    for f in ("report.md", "report.tex", "report.html", "results.csv", "table1.csv", "es_vs_drawdown.png",
+              "es_vs_batch.png", "memory.png"):
+        assert (out / f).stat().st_size > 0, f
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "Table 1" in page
+    rid = log_report(uri, "rep", out)
+    assert {a.path for a in client(uri).list_artifacts(rid)} == {"report"}
+    assert load_runs(uri, "rep").height == 4  # the report run is not a trial
+
+
+def test_report_cli_errors(store, capsys) -> None:
+    uri, tmp = store
+    assert report_main(["--experiment", "nope", "--tracking-uri", uri, "--out", str(tmp / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: unknown experiment 'nope' in {uri}"
+    assert report_main(["--experiment", "rep", "--tracking-uri", uri, "--format", "pdf"]) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store_on_loopback_and_stops(store) -> None:
+    uri, _ = store
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.ui", "--tracking-uri", uri, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(base + "/", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("bench.ui did not answer within 120 s")
+        with urllib.request.urlopen(base + "/api/2.0/mlflow/experiments/search?max_results=50", timeout=10) as r:
+            body = r.read().decode()
+        assert '"rep"' in body and "custom_model_development" in body
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert f"http://127.0.0.1:{port}/" in out and "stopping" in out
+
+
+def test_edit_cli_changes_the_output(store, capsys) -> None:
+    uri, _ = store
+    df = runs_frame(uri, "rep")
+    rid = df.filter((df["p.method"] == "mend") & (df["p.edit_batch_size"] == "1"))["run_id"][0]
+    assert edit_main(["--run", rid, "--tracking-uri", uri, "--prompt", "The capital of France is",
+                      "--target", "Rome Rome Rome", "--probe", "Hello", "--then", "Water is=dry",
+                      "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    before = next(l for l in lines[lines.index("before the edit:"):] if "The capital of France is" in l)
+    after_idx = next(i for i, l in enumerate(lines) if l.startswith("after edit 1"))
+    after = next(l for l in lines[after_idx:] if "The capital of France is" in l)
+    assert before != after
+    assert any(l.startswith("after edit 2 ('Water is' -> 'dry')") for l in lines)
+
+
+def test_edit_cli_errors(store, capsys) -> None:
+    uri, _ = store
+    assert edit_main(["--run", "0" * 32, "--tracking-uri", uri, "--prompt", "a", "--target", "b"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown run id") and len(err.splitlines()) == 1
+    df = runs_frame(uri, "rep")
+    rid = df.filter(df["p.method"] == "ft")["run_id"][0]
+    c = client(uri)
+    exp = c.get_experiment_by_name("rep").experiment_id
+    bare = c.create_run(exp, run_name="mend-without-checkpoint")
+    c.log_param(bare.info.run_id, "method_class", "mend")
+    c.log_param(bare.info.run_id, "model", "tiny-gpt2")
+    c.set_terminated(bare.info.run_id, "FAILED")
+    assert edit_main(["--run", bare.info.run_id, "--tracking-uri", uri, "--prompt", "a", "--target", "b"]) == 2
+    assert "has no editor checkpoint artifact" in capsys.readouterr().err
+    # ft needs no checkpoint: the demo runs
+    assert edit_main(["--run", rid, "--tracking-uri", uri, "--prompt", "a", "--target", "b",
+                      "--max-new-tokens", "2"]) == 0
