@@ -81,6 +81,7 @@ class DatasetEntry(_Strict):
     n_train: PositiveInt | None = None
     n_val: PositiveInt | None = None
     paths: dict[str, str] = Field(default_factory=dict, description="split -> file replacing the card's")
+    prepare: dict[str, float] | None = Field(default=None, description="override the card's base-model preparation")
 
 
 class BudgetEntry(_Strict):

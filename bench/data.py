@@ -100,6 +100,10 @@ class DatasetCard:
     locality: dict[str, LocalitySource]
     default_locality: str = "record"
     rome_neighbourhood: bool = False
+    labels: tuple[str, ...] = ()
+    label_seed: int = 0
+    rephrase_file: str | None = None
+    prepare: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     licence: str = ""
     citation: str = ""
@@ -135,6 +139,10 @@ def load_card(name: str) -> DatasetCard:
         locality=loc,
         default_locality=raw.get("default_locality", "record"),
         rome_neighbourhood=bool(raw.get("rome_neighbourhood", False)),
+        labels=tuple(raw.get("labels") or ()),
+        label_seed=int(raw.get("label_seed", 0)),
+        rephrase_file=raw.get("rephrase_file"),
+        prepare=raw.get("prepare") or {},
         source=raw.get("source") or {},
         licence=raw.get("licence", ""),
         citation=raw.get("citation", ""),
@@ -194,7 +202,7 @@ def _get(row: dict, key: str, path: Path, idx: int, required: bool = True) -> An
     return None
 
 
-def read_mapped_json(path: Path, card: DatasetCard) -> list[EditRecord]:
+def read_mapped_json(path: Path, card: DatasetCard, data_root: str | os.PathLike | None = None) -> list[EditRecord]:
     """Reader for JSON / JSON-lines files whose fields map one-to-one onto EditRecord (zsRE MEND format,
     flattened CounterFact). ``card.fields`` maps record attributes to source keys; ``id`` may be absent."""
     f = card.fields
@@ -227,8 +235,50 @@ def read_mapped_json(path: Path, card: DatasetCard) -> list[EditRecord]:
     return out
 
 
-READERS: dict[str, Callable[[Path, DatasetCard], list[EditRecord]]] = {
+def _seeded_bit(key: str, seed: int) -> int:
+    """A Bernoulli(0.5) draw that depends only on (key, seed): the same claim gets the same label everywhere."""
+    import hashlib
+
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).digest()[0] & 1)
+
+
+def read_fever(path: Path, card: DatasetCard, data_root: str | os.PathLike | None = None) -> list[EditRecord]:
+    """FEVER claims (JSON lines) as classification edits, following the MEND paper.
+
+    NOT ENOUGH INFO is dropped; ``card.labels`` names the classes in id order. The edit label y_e is a seeded
+    Bernoulli(0.5) draw per claim (``card.label_seed``); the gold label is the true answer. The equivalence input
+    is a label-preserving FEVER 2.0 rewrite of the claim (``card.rephrase_file`` rows with ``transformation ==
+    "label_preserving"`` and ``original_id`` equal to the claim's id) where one exists, else none (x_e stands
+    in). Locality: the next claim of the file (cyclic) with its gold label.
+    """
+    labels = list(card.labels)
+    rows = [r for r in _load_json_rows(path) if r.get("label") in labels]
+    for i, r in enumerate(rows):
+        for key in ("id", "claim", "label"):
+            _get(r, key, path, i)
+    rephr: dict[int, list[str]] = {}
+    if card.rephrase_file:
+        rp = resolve_file(card.rephrase_file, data_root)
+        for r in _load_json_rows(rp):
+            if r.get("transformation") == "label_preserving" and r.get("original_id") is not None:
+                rephr.setdefault(int(r["original_id"]), []).append(str(r["claim"]))
+    out = []
+    for i, r in enumerate(rows):
+        gold = labels.index(r["label"])
+        new = _seeded_bit(str(r["id"]), card.label_seed)
+        loc = rows[(i + 1) % len(rows)]
+        out.append(EditRecord(
+            case_id=str(r["id"]), task=card.name, kind="classification", prompt=str(r["claim"]),
+            target=labels[new], label=new, rephrases=tuple(rephr.get(int(r["id"]), ())),
+            loc_prompt=str(loc["claim"]), loc_answer=str(loc["label"]), loc_label=labels.index(loc["label"]),
+            true_answer=labels[gold],
+        ))
+    return out
+
+
+READERS: dict[str, Callable[..., list[EditRecord]]] = {
     "mapped_json": read_mapped_json,
+    "fever": read_fever,
 }
 
 
@@ -286,7 +336,7 @@ def load_task(
     files: dict[str, str] = {}
     for s, rel in own.items():
         p = resolve_file(rel, data_root)
-        read[s] = check_records(reader(p, card), str(p))
+        read[s] = check_records(reader(p, card, data_root), str(p))
         files[s] = str(p)
     if carved:
         pool_key = "all" if "all" in card.files else "train"
@@ -298,7 +348,7 @@ def load_task(
             if pool_key not in card.files:
                 raise DataError(f"datasets/{name}.yaml: no file for splits {carved} and no files.all to carve them from")
             p = resolve_file(card.files[pool_key], data_root)
-            pool, pool_file = check_records(reader(p, card), str(p)), str(p)
+            pool, pool_file = check_records(reader(p, card, data_root), str(p)), str(p)
         order = list(range(len(pool)))
         random.Random(seed).shuffle(order)
         total = sum(fractions.get(s, 0.0) for s in carved)

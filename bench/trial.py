@@ -20,6 +20,7 @@ from bench import tracking
 from bench.data import load_task, locality_pool, with_locality
 from bench.metrics import STYLES, PeakMemory, base_correct, evaluate
 from bench.models import load_model
+from bench.prepare import prepare_base
 from methods import Budget, get_editor
 from methods.base import weights_digest
 
@@ -106,13 +107,27 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
     }
     with tracking.trial_run(tracking_uri, experiment, cfg["run_name"], tags) as run:
         run.log_params(params)
-        model = load_model(model_spec["name"], model_spec.get("edit_params"), device=device)
-        run.log_params({"model_params": model.meta["n_params"], "edit_params": ",".join(model.edit_params)})
         task = load_task(
             ds["name"], cfg.get("data_root"), seed=seed,
             sizes={"train": ds.get("n_train"), "val": ds.get("n_val"), "test": cfg["n_edits"]},
             paths=ds.get("paths") or {},
         )
+        model_path = model_spec["name"]
+        if task.card.prepare:  # the task needs a base model trained for it first (FEVER's classifier)
+            prep = prepare_base(model_spec["name"], task, seed, ds.get("prepare"), device)
+            if prep.trained:
+                with tracking.trial_run(tracking_uri, experiment, f"prepare/{model_spec['name']}/{ds['name']}",
+                                        {"editbench.kind": "prepare", **tracking.environment_tags(device)}) as prun:
+                    prun.log_params({k: v for k, v in prep.info.items() if k != "val_accuracy"} | {"key": prep.key})
+                    prun.log_metrics({"val_accuracy": prep.info["val_accuracy"],
+                                      "train_seconds": prep.info["train_seconds"]})
+            run.log_params({"base_model.path": str(prep.path), "base_model.key": prep.key})
+            run.log_metrics({"base_val_accuracy": prep.info["val_accuracy"]})
+            model_path = str(prep.path)
+        model = load_model(model_path, model_spec.get("edit_params"), num_labels=max(2, len(task.card.labels)),
+                           device=device)
+        model.name = model_spec["name"]
+        run.log_params({"model_params": model.meta["n_params"], "edit_params": ",".join(model.edit_params)})
         loc_source = ds.get("locality") or task.card.default_locality
         loc_counts = _apply_locality(model, task, loc_source, cfg.get("data_root"), seed)
         run.log_params({f"data.{s}_file": f for s, f in task.files.items()})

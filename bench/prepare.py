@@ -1,0 +1,119 @@
+"""Base-model preparation: tasks whose base model must first be trained for the task (FEVER's classifier, as in
+the MEND paper) go through :func:`prepare_base`, which fine-tunes once and caches the result.
+
+The cache key covers the model, the data files (path, size, mtime), the seed and every training setting, so a
+changed input retrains and an unchanged one reuses the folder without training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.data import TaskData, collate
+from bench.models import _cache_root, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Where the prepared model lives, its held-out accuracy, and whether this call trained it."""
+
+    path: Path
+    key: str
+    info: dict[str, Any]
+    trained: bool
+
+
+def prepare_key(model: str, task: TaskData, seed: int, settings: dict[str, Any]) -> str:
+    """Cache key of a prepared base model (changes with any of its inputs)."""
+    files = []
+    for split in ("train", "val"):
+        p = Path(task.files[split])
+        st = p.stat()
+        files.append([str(p), st.st_size, int(st.st_mtime), len(task.splits[split])])
+    blob = json.dumps({"model": model, "task": task.card.name, "files": files, "seed": seed, **settings},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def accuracy(model: Any, records: list, labels: list[str], batch_size: int = 64) -> float:
+    """Share of records whose argmax class is the gold label (the id of ``true_answer`` in ``labels``)."""
+    hits = 0
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        gold = [_gold(r, labels) for r in chunk]
+        b = collate(model, [r.prompt for r in chunk], gold)
+        hits += int((model.logits(b.inputs)[:, 0].argmax(-1) == b.labels[:, 0]).sum())
+    return hits / max(len(records), 1)
+
+
+def _gold(rec: Any, labels: list[str]) -> int:
+    return labels.index(rec.true_answer)
+
+
+def prepare_base(model_name: str, task: TaskData, seed: int, settings: dict[str, Any] | None = None,
+                 device: str | None = None) -> Prepared:
+    """Fine-tune ``model_name`` as a classifier on the train split's gold labels (``card.prepare`` settings:
+    steps, lr, batch_size), report accuracy on the val split, and cache it; a cached result is reused with no
+    training."""
+    settings = {**task.card.prepare, **(settings or {})}
+    steps, lr, bs = int(settings.get("steps", 300)), float(settings.get("lr", 5e-5)), int(settings.get("batch_size", 32))
+    key = prepare_key(model_name, task, seed, {"steps": steps, "lr": lr, "batch_size": bs})
+    folder = _cache_root() / "prepared" / f"{Path(model_name).name}-{task.card.name}-{key}"
+    meta_file = folder / "prepared.json"
+    if meta_file.exists():
+        info = json.loads(meta_file.read_text())
+        log.info("prepared base model %s reused (val accuracy %.3f)", folder.name, info["val_accuracy"])
+        return Prepared(folder, key, info, trained=False)
+    labels = list(task.card.labels)
+    model = load_model(model_name, num_labels=len(labels), device=device)
+    net = model.model
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    rng = random.Random(seed)
+    train = list(task["train"])
+    t0 = time.time()
+    torch.manual_seed(seed)
+    for step in range(steps):
+        chunk = rng.sample(train, min(bs, len(train)))
+        b = collate(model, [r.prompt for r in chunk], [_gold(r, labels) for r in chunk])
+        loss = torch.nn.functional.cross_entropy(model.logits(b.inputs)[:, 0], b.labels[:, 0])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0:
+            log.info("prepare %s: step %d/%d loss %.3f", model_name, step + 1, steps, loss.item())
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    acc = accuracy(model, list(task["val"]), labels)
+    info = {"model": model_name, "task": task.card.name, "seed": seed, "steps": steps, "lr": lr, "batch_size": bs,
+            "val_accuracy": acc, "n_val": len(task["val"]), "train_seconds": time.time() - t0, "labels": labels}
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    net.config.id2label = dict(enumerate(labels))
+    net.config.label2id = {n: i for i, n in enumerate(labels)}
+    net.save_pretrained(tmp)
+    model.tokenizer.save_pretrained(tmp)
+    (tmp / "prepared.json").write_text(json.dumps(info, indent=2))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(folder)
+    log.info("prepared base model %s: val accuracy %.3f in %.0fs", folder.name, acc, info["train_seconds"])
+    return Prepared(folder, key, info, trained=True)
