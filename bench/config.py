@@ -82,6 +82,8 @@ class DatasetEntry(_Strict):
     n_val: PositiveInt | None = None
     paths: dict[str, str] = Field(default_factory=dict, description="split -> file replacing the card's")
     prepare: dict[str, float] | None = Field(default=None, description="override the card's base-model preparation")
+    source: Literal["local", "public"] = Field(
+        default="local", description="local: files under the data root; public: the card's public URLs (internet)")
 
 
 class BudgetEntry(_Strict):
@@ -276,6 +278,11 @@ def validate(sweep: Sweep, source: str = "sweep") -> list[dict[str, Any]]:
     for i, ds in enumerate(sweep.datasets):
         try:
             card = load_card(ds.name)
+            if ds.source == "public":
+                urls = (card.source or {}).get("files") or {}
+                if not urls:
+                    raise DataError(f"datasets/{ds.name}.yaml has no public source.files; use source: local")
+                continue  # downloaded by the trial on a machine with internet
             loc = ds.locality or card.default_locality
             if loc not in card.locality:
                 raise DataError(f"locality {loc!r} unknown for {ds.name}; valid: {', '.join(card.locality)}")

@@ -104,6 +104,7 @@ class DatasetCard:
     label_seed: int = 0
     rephrase_file: str | None = None
     prepare: dict[str, Any] = field(default_factory=dict)
+    generate: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     licence: str = ""
     citation: str = ""
@@ -143,10 +144,35 @@ def load_card(name: str) -> DatasetCard:
         label_seed=int(raw.get("label_seed", 0)),
         rephrase_file=raw.get("rephrase_file"),
         prepare=raw.get("prepare") or {},
+        generate=raw.get("generate") or {},
         source=raw.get("source") or {},
         licence=raw.get("licence", ""),
         citation=raw.get("citation", ""),
     )
+
+
+def fetch_public(card: DatasetCard, split_key: str) -> Path:
+    """Download the card's public file for ``split_key`` (``source.files``) into the cache once; needs internet.
+
+    Used for ``datasets[].source: public`` in a sweep; raises :class:`DataError` naming the URL on failure.
+    """
+    import urllib.request
+
+    from bench.models import _cache_root
+
+    urls = (card.source or {}).get("files") or {}
+    if split_key not in urls:
+        raise DataError(f"datasets/{card.name}.yaml: source.files has no {split_key!r} URL (has: {', '.join(urls)})")
+    url = urls[split_key]
+    dest = _cache_root() / "data" / card.name / Path(url).name
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            urllib.request.urlretrieve(url, dest.with_suffix(dest.suffix + ".part"))
+        except OSError as e:
+            raise DataError(f"could not download {url} for dataset {card.name}: {e}") from None
+        dest.with_suffix(dest.suffix + ".part").replace(dest)
+    return dest
 
 
 def data_root_candidates(data_root: str | os.PathLike | None = None) -> list[Path]:
@@ -276,16 +302,43 @@ def read_fever(path: Path, card: DatasetCard, data_root: str | os.PathLike | Non
     return out
 
 
+def read_wikitext(path: Path, card: DatasetCard, data_root: str | os.PathLike | None = None) -> list[EditRecord]:
+    """WikiText paragraphs as generation edits (MEND's Wikitext task).
+
+    Paragraphs are non-heading lines of at least ``card.fields['min_words']`` (default 50) words, ASCII only.
+    ``prompt`` holds the whole paragraph; the trial turns it into x_e (at most 200 tokens), x'_e (x_e with a
+    random-length prefix removed) and y_e (10 tokens sampled from the base model) with
+    :func:`bench.prepare.generation_targets`. Locality: the next paragraph (cyclic), its first word as the prompt
+    and up to ``loc_words`` (default 100) following words as the text whose perplexity must not rise.
+    """
+    min_words = int(card.fields.get("min_words", 50))
+    loc_words = int(card.fields.get("loc_words", 100))
+    paras = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        t = line.strip()
+        if not t or t.startswith("=") or not t.isascii() or len(t.split()) < min_words:
+            continue
+        paras.append(t)
+    out = []
+    for i, t in enumerate(paras):
+        words = paras[(i + 1) % len(paras)].split()
+        out.append(EditRecord(case_id=str(i), task=card.name, kind="generation", prompt=t, target="",
+                              loc_prompt=words[0], loc_answer=" ".join(words[1 : 1 + loc_words])))
+    return out
+
+
 READERS: dict[str, Callable[..., list[EditRecord]]] = {
     "mapped_json": read_mapped_json,
     "fever": read_fever,
+    "wikitext": read_wikitext,
 }
 
 
 def check_records(records: Sequence[EditRecord], where: str) -> list[EditRecord]:
     """Drop records whose prompt or target is empty (the zsRE sample has two with an empty ``alt``), logging
     how many; a file left with no usable record is an error naming it."""
-    kept = [r for r in records if r.prompt.strip() and (r.label is not None or r.target.strip())]
+    kept = [r for r in records
+            if r.prompt.strip() and (r.label is not None or r.kind == "generation" or r.target.strip())]
     if len(kept) < len(records):
         log.warning("%s: dropped %d of %d records with an empty prompt or target", where, len(records) - len(kept),
                     len(records))
@@ -316,14 +369,21 @@ def load_task(
     sizes: dict[str, int | None] | None = None,
     paths: dict[str, str] | None = None,
     fractions: dict[str, float] | None = None,
+    file_overrides: dict[str, str] | None = None,
 ) -> TaskData:
     """Read a dataset through its card and split it deterministically.
 
     A split with its own file (card ``files.<split>`` or ``paths[split]``) reads that file whole; the other splits
     are carved, by a permutation seeded with ``seed``, from ``files.all`` (or, without it, from the train file)
     in the card's fractions. ``sizes[split]`` then keeps the first N of a split. An empty split is an error.
+    ``file_overrides`` replaces entries of the card's ``files`` (and, under ``rephrase``, its rephrase file), e.g.
+    with downloaded public copies.
     """
     card = load_card(name)
+    if file_overrides:  # e.g. downloaded public copies; "rephrase" replaces the card's rephrase file
+        extra = {k: v for k, v in file_overrides.items() if k != "rephrase"}
+        card = replace(card, files={**card.files, **extra},
+                       rephrase_file=file_overrides.get("rephrase", card.rephrase_file))
     reader = READERS[card.reader]
     paths = dict(paths or {})
     for k in paths:
@@ -428,11 +488,12 @@ def _with_space(text: str) -> str:
 
 
 def collate(model: "EditableModel", prompts: Sequence[str], targets: Sequence[str] | Sequence[int],  # noqa: F821
-            records: Sequence[EditRecord] = (), max_length: int = 256) -> EditBatch:
+            records: Sequence[EditRecord] = (), max_length: int = 256, space: bool = True) -> EditBatch:
     """Tokenise prompt/target pairs for the model's kind.
 
     - causal: ``prompt + " " + target`` as ids of the prompt followed by ids of the spaced target (tokenised
       apart so the boundary is exact), right-padded; labels on target tokens only, shifted to align with logits.
+      ``space=False`` keeps the target as given (generated continuations carry their own leading space).
     - seq2seq: encoder gets the prompt, decoder the target (teacher forcing from the model's decoder start).
     - classifier: text and an integer label.
     """
@@ -457,7 +518,7 @@ def collate(model: "EditableModel", prompts: Sequence[str], targets: Sequence[st
     rows, labs = [], []
     for p, t in zip(prompts, targets):
         p_ids = tok(p, add_special_tokens=False)["input_ids"]
-        t_ids = tok(_with_space(str(t)), add_special_tokens=False)["input_ids"]
+        t_ids = tok(_with_space(str(t)) if space else str(t), add_special_tokens=False)["input_ids"]
         if not t_ids:
             raise DataError(f"target {t!r} tokenises to nothing")
         p_ids = p_ids[-(max_length - len(t_ids)):] if len(p_ids) + len(t_ids) > max_length else p_ids
@@ -480,16 +541,21 @@ def collate(model: "EditableModel", prompts: Sequence[str], targets: Sequence[st
     return EditBatch({"input_ids": input_ids.to(dev), "attention_mask": attn.to(dev)}, labels.to(dev), list(records))
 
 
+def _spaced(records: Sequence[EditRecord]) -> bool:
+    """Answers follow their prompt after a space; generated continuations are kept verbatim."""
+    return not records or records[0].kind != "generation"
+
+
 def edit_batch(model: "EditableModel", records: Sequence[EditRecord]) -> EditBatch:  # noqa: F821
     """x_e -> y_e for each record."""
     tgts = [r.label for r in records] if model.kind == "classifier" else [r.target for r in records]
-    return collate(model, [r.prompt for r in records], tgts, records)
+    return collate(model, [r.prompt for r in records], tgts, records, space=_spaced(records))
 
 
 def equiv_batch(model: "EditableModel", records: Sequence[EditRecord]) -> EditBatch:  # noqa: F821
     """x'_e -> y_e (x_e itself where the record has no rephrase)."""
     tgts = [r.label for r in records] if model.kind == "classifier" else [r.target for r in records]
-    return collate(model, [r.equiv_prompt for r in records], tgts, records)
+    return collate(model, [r.equiv_prompt for r in records], tgts, records, space=_spaced(records))
 
 
 def loc_batch(model: "EditableModel", records: Sequence[EditRecord]) -> EditBatch:  # noqa: F821

@@ -28,6 +28,11 @@ def seq_logprob(logits: Tensor, labels: Tensor) -> Tensor:
     return token_logprobs(logits, labels).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def perplexity(logits: Tensor, labels: Tensor) -> Tensor:
+    """exp(mean target-token NLL) of each sequence, shape (B,)."""
+    return torch.exp(-seq_logprob(logits, labels))
+
+
 def nll(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean over the batch of each sequence's mean target-token negative log-likelihood (a scalar)."""
     return -seq_logprob(logits, labels).mean()
@@ -78,4 +83,4 @@ def loc_mask(inputs: dict[str, Tensor], labels: Tensor, kind: str) -> Tensor:
 
 
 __all__ = [
-    "token_logprobs", "seq_logprob", "nll", "kl_div", "per_seq_kl", "argmax_scores", "argmax_agreement", "loc_mask"]
+    "token_logprobs", "seq_logprob", "perplexity", "nll", "kl_div", "per_seq_kl", "argmax_scores", "argmax_agreement", "loc_mask"]

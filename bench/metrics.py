@@ -2,7 +2,8 @@
 
 - MEND style: ``es`` (edit success: every target token is the teacher-forced argmax on the equivalence input),
   ``edit_acc`` (the same on x_e), ``loc_acc_pre``/``loc_acc_post`` (exact match of the locality answer before and
-  after) and ``drawdown`` = pre - post; generation tasks use relative perplexity increase instead.
+  after) and ``drawdown`` = pre - post; generation tasks (Wikitext) use the relative perplexity increase on the
+  locality passage instead, ``drawdown`` = ppl_post / ppl_pre - 1 (with ``ppl_pre``/``ppl_post``).
 - EasyEdit style: token-level accuracy ``token_acc_edit`` (reliability), ``token_acc_rephrase`` (generalisation),
   ``loc_agree`` (share of locality answer tokens whose post-edit argmax equals the pre-edit one).
 - ROME style, where the true answer is known: ``efficacy`` p(new) > p(true) on x_e, ``paraphrase`` the same on
@@ -25,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from bench.data import EditRecord, collate, edit_batch
-from bench.losses import argmax_agreement, argmax_scores, per_seq_kl, seq_logprob
+from bench.losses import argmax_agreement, argmax_scores, per_seq_kl, perplexity, seq_logprob
 from bench.models import EditableModel
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 # Aggregated metric -> style label (logged as MLflow tags and shown in reports).
 STYLES: dict[str, str] = {
     "es": "mend", "edit_acc": "mend", "loc_acc_pre": "mend", "loc_acc_post": "mend", "drawdown": "mend",
-    "es_pre": "mend",
+    "es_pre": "mend", "ppl_pre": "mend", "ppl_post": "mend",
     "token_acc_edit": "easyedit", "token_acc_rephrase": "easyedit", "loc_agree": "easyedit", "loc_kl": "easyedit",
     "efficacy": "rome", "paraphrase": "rome", "neighbourhood": "rome",
     "edit_time_s": "cost", "edit_steps": "cost", "edit_peak_mem_mb": "cost",
@@ -211,6 +212,10 @@ def evaluate(
         ans_mask = loc_labels != -100
         agree = argmax_agreement(pre_loc, post_loc, ans_mask)
         kl = per_seq_kl(pre_loc, post_loc, ans_mask)
+        generation = recs[0].kind == "generation"
+        if generation:
+            ppl_pre = perplexity(pre_loc, loc_labels).tolist()
+            ppl_post = perplexity(post_loc, loc_labels).tolist()
         rome: dict[str, list[float]] = {}
         if known:
             nan = [float("nan")] * len(recs)
@@ -246,6 +251,8 @@ def evaluate(
             }
             for k, v in rome.items():
                 row[k] = v[i]
+            if generation:
+                row.update(ppl_pre=ppl_pre[i], ppl_post=ppl_post[i], drawdown=ppl_post[i] / ppl_pre[i] - 1.0)
             rows.append(row)
         if progress:
             progress(len(rows), len(records))

@@ -117,3 +117,49 @@ def prepare_base(model_name: str, task: TaskData, seed: int, settings: dict[str,
         tmp.replace(folder)
     log.info("prepared base model %s: val accuracy %.3f in %.0fs", folder.name, acc, info["train_seconds"])
     return Prepared(folder, key, info, trained=True)
+
+
+def generation_targets(model: Any, records: list, seed: int, n_tokens: int = 10, max_prompt_tokens: int = 200,
+                       cache_tag: str = "") -> list:
+    """Turn WikiText paragraphs into generation edits, once per (model, records, seed) and cached.
+
+    x_e = the paragraph's first ``max_prompt_tokens`` tokens; y_e = ``n_tokens`` tokens sampled from the base
+    model after x_e (seeded per record, multinomial at temperature 1); x'_e = x_e with a random-length prefix of
+    whole words removed (seeded). Deterministic: the same inputs give the same records, from the cache when
+    present.
+    """
+    from dataclasses import replace
+
+    tok = model.tokenizer
+    blob = json.dumps({"model": model.name, "tag": cache_tag, "seed": seed, "n": n_tokens, "max": max_prompt_tokens,
+                       "ids": [r.case_id for r in records], "h": hashlib.sha256(
+                           "\x1f".join(r.prompt for r in records).encode()).hexdigest()}, sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    path = _cache_root() / "generated" / f"{Path(model.name).name}-{key}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        return [replace(r, prompt=c["prompt"], target=c["target"], rephrases=(c["rephrase"],))
+                for r, c in zip(records, cached)]
+    out, rows = [], []
+    for r in records:
+        ids = tok(r.prompt, add_special_tokens=False)["input_ids"][:max_prompt_tokens]
+        prompt = tok.decode(ids)
+        rng = random.Random(f"{seed}:{r.case_id}")
+        words = prompt.split(" ")
+        cut = rng.randint(1, max(1, len(words) // 2))
+        rephrase = " ".join(words[cut:])
+        gen = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{r.case_id}".encode()).hexdigest()[:8], 16))
+        cur = torch.tensor([ids], device=model.device)
+        new: list[int] = []
+        with torch.no_grad():
+            for _ in range(n_tokens):
+                logits = model.logits({"input_ids": cur, "attention_mask": torch.ones_like(cur)})[0, -1]
+                nxt = int(torch.multinomial(torch.softmax(logits.float().cpu(), -1), 1, generator=gen))
+                new.append(nxt)
+                cur = torch.cat([cur, torch.tensor([[nxt]], device=model.device)], 1)
+        target = tok.decode(new)
+        rows.append({"prompt": prompt, "target": target, "rephrase": rephrase})
+        out.append(replace(r, prompt=prompt, target=target, rephrases=(rephrase,)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
+    return out

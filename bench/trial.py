@@ -17,10 +17,10 @@ from typing import Any, Callable, Mapping
 import torch
 
 from bench import tracking
-from bench.data import load_task, locality_pool, with_locality
+from bench.data import fetch_public, load_card, load_task, locality_pool, with_locality
 from bench.metrics import STYLES, PeakMemory, base_correct, evaluate
 from bench.models import load_model
-from bench.prepare import prepare_base
+from bench.prepare import generation_targets, prepare_base
 from methods import Budget, get_editor
 from methods.base import weights_digest
 
@@ -107,10 +107,14 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
     }
     with tracking.trial_run(tracking_uri, experiment, cfg["run_name"], tags) as run:
         run.log_params(params)
+        public = None
+        if ds.get("source") == "public":  # the card's public files, fetched once into the cache
+            card = load_card(ds["name"])
+            public = {k: str(fetch_public(card, k)) for k in card.source["files"]}
         task = load_task(
             ds["name"], cfg.get("data_root"), seed=seed,
             sizes={"train": ds.get("n_train"), "val": ds.get("n_val"), "test": cfg["n_edits"]},
-            paths=ds.get("paths") or {},
+            paths=ds.get("paths") or {}, file_overrides=public,
         )
         model_path = model_spec["name"]
         if task.card.prepare:  # the task needs a base model trained for it first (FEVER's classifier)
@@ -127,6 +131,10 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
         model = load_model(model_path, model_spec.get("edit_params"), num_labels=max(2, len(task.card.labels)),
                            device=device)
         model.name = model_spec["name"]
+        if task.card.kind == "generation":  # y_e sampled from the base model itself, cached per dataset
+            for split in ("train", "val", "test"):
+                task.splits[split] = generation_targets(model, task.splits[split], seed, cache_tag=f"{task.files[split]}:{split}",
+                                                        **task.card.generate)
         run.log_params({"model_params": model.meta["n_params"], "edit_params": ",".join(model.edit_params)})
         loc_source = ds.get("locality") or task.card.default_locality
         loc_counts = _apply_locality(model, task, loc_source, cfg.get("data_root"), seed)
