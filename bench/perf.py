@@ -65,8 +65,11 @@ def _setup(model_name: str, batch_size: int, device: str, method: str = "mend", 
 
 
 def _train_step_fn(editor: Any, recs: list) -> Callable[[], None]:
+    """One Alg. 1 step exactly as LearnedEditor.fit takes it (loss, backward, clipping, Adam)."""
+    from methods.base import make_adam
+
     params = [p for g in editor.param_groups() for p in g["params"]]
-    opt = torch.optim.Adam(editor.param_groups())
+    opt = make_adam(editor.param_groups())
     editor.train(True)
 
     def step() -> None:

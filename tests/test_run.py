@@ -142,3 +142,19 @@ def test_ci_sweep_end_to_end_leaves_one_finished_run_per_grid_point(tmp_path: Pa
     c = client(uri)
     for rid in df["run_id"]:
         assert [a.path for a in c.list_artifacts(rid)] == ["per_edit.parquet"]
+
+
+@pytest.mark.slow
+def test_a_failing_trial_exits_1_with_its_reason_and_a_failed_run(tmp_path: Path) -> None:
+    doc = _patch(models=[{"name": "tiny-gpt2", "edit_params": ["no.such.weight*"]}])
+    path = _write(tmp_path, doc)
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    env = {**os.environ, "EDITBENCH_RAY_TMP": f"/tmp/ebf{os.getpid()}"}
+    out = subprocess.run([sys.executable, "-m", "bench.run", path, "--tracking-uri", uri], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "trial failed" in out.stderr and "matches no parameter" in out.stderr
+    from bench.tracking import runs_frame
+
+    df = runs_frame(uri, "t")
+    assert df.height == 1 and df["status"][0] == "FAILED" and "matches no parameter" in df["t.error"][0]
