@@ -126,7 +126,13 @@ def test_ci_sweep_end_to_end_leaves_one_finished_run_per_grid_point(tmp_path: Pa
     assert "es" in out.stdout and "ft_kl" in out.stdout  # the printed summary table
     from bench.tracking import runs_frame
 
-    df = runs_frame(uri, "ci")
+    import polars as pl
+
+    everything = runs_frame(uri, "ci")
+    reports = everything.filter(pl.col("t.editbench.kind") == "report")
+    assert reports.height == 1  # bench.run writes and logs the report at the end of the sweep
+    assert (tmp_path / "reports" / "ci" / "report.html").exists()
+    df = everything.filter(pl.col("t.editbench.kind").is_null())
     sweep = load_sweep(REPO / "sweeps" / "ci.yaml")
     assert df.height == len(plan(sweep)) == 4
     assert set(df["status"]) == {"FINISHED"}
