@@ -541,6 +541,26 @@ def collate(model: "EditableModel", prompts: Sequence[str], targets: Sequence[st
     return EditBatch({"input_ids": input_ids.to(dev), "attention_mask": attn.to(dev)}, labels.to(dev), list(records))
 
 
+def stack_batches(a: EditBatch, b: EditBatch, pad_id: int) -> EditBatch:
+    """One batch holding ``a``'s rows then ``b``'s, right-padded to a common width (ids with ``pad_id``, masks
+    and type ids with 0, labels with -100), so two probes can share one forward pass. Slicing the result's
+    logits to ``[:len(a), :a.labels.shape[1]]`` gives exactly ``a``'s logits (padding is masked)."""
+
+    def pad(x: Tensor, width: int, value: int) -> Tensor:
+        if x.dim() < 2 or x.shape[1] == width:
+            return x
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    inputs = {}
+    for k in a.inputs:
+        value = pad_id if k.endswith("input_ids") else 0
+        w = max(a.inputs[k].shape[-1], b.inputs[k].shape[-1])
+        inputs[k] = torch.cat([pad(a.inputs[k], w, value), pad(b.inputs[k], w, value)])
+    w = max(a.labels.shape[1], b.labels.shape[1])
+    labels = torch.cat([pad(a.labels, w, -100), pad(b.labels, w, -100)])
+    return EditBatch(inputs, labels, [*a.records, *b.records])
+
+
 def _spaced(records: Sequence[EditRecord]) -> bool:
     """Answers follow their prompt after a space; generated continuations are kept verbatim."""
     return not records or records[0].kind != "generation"

@@ -225,7 +225,7 @@ class LearnedEditor(Editor):
         return None
 
     def _losses(self, records: Sequence[EditRecord]) -> dict[str, Tensor]:
-        from bench.data import edit_batch, equiv_batch, loc_batch
+        from bench.data import edit_batch, equiv_batch, loc_batch, stack_batches
         from bench.losses import argmax_scores, kl_div, loc_mask, nll
 
         m = self.model
@@ -233,8 +233,10 @@ class LearnedEditor(Editor):
         with torch.no_grad():
             pre = m.logits(lb.inputs)
         edit = self.edit(eb)
-        post_q = m.logits(qb.inputs, edit.deltas)
-        post_l = m.logits(lb.inputs, edit.deltas)
+        # x'_e and x_loc go through the edited model in ONE forward pass (their rows are independent).
+        both = m.logits(stack_batches(qb, lb, m.tokenizer.pad_token_id).inputs, edit.deltas)
+        post_q = both[: len(qb), : qb.labels.shape[1]]
+        post_l = both[len(qb) :, : lb.labels.shape[1]]
         l_e = nll(post_q, qb.labels)
         l_loc = kl_div(pre, post_l, loc_mask(lb.inputs, lb.labels, m.kind))
         loss = self.hparams.c_edit * l_e + self.hparams.c_loc * l_loc

@@ -81,3 +81,22 @@ def test_functional_deltas_equal_an_in_place_edit_of_a_copy(alias: str, zsre) ->
 def test_bad_edit_param_is_refused() -> None:
     with pytest.raises(ModelSpecError, match="matches no parameter"):
         load_model("tiny-gpt2", edit_params=["nope.*"])
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama", "tiny-t5", "tiny-bart", "tiny-bert"])
+def test_stacked_batches_give_each_batch_its_own_logits(alias: str, zsre) -> None:
+    from bench.data import collate, equiv_batch, loc_batch, stack_batches
+
+    m = tiny(alias)
+    if m.kind == "classifier":
+        a = collate(m, ["a short claim"], [1])
+        b = collate(m, ["a much longer claim about several different things"], [0])
+    else:
+        a, b = equiv_batch(m, zsre["test"][:2]), loc_batch(m, zsre["test"][2:5])
+    both = m.logits(stack_batches(a, b, m.tokenizer.pad_token_id).inputs)
+    la, lb = m.logits(a.inputs), m.logits(b.inputs)
+    got_a = both[: len(a), : a.labels.shape[1]]
+    got_b = both[len(a):, : b.labels.shape[1]]
+    for got, ref, batch in ((got_a, la, a), (got_b, lb, b)):
+        mask = batch.labels != -100
+        assert torch.allclose(got[mask], ref[mask], atol=1e-4)
