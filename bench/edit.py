@@ -101,7 +101,9 @@ def load_editor_from_run(uri: str, run_id: str) -> tuple[Any, Any]:
     if cls.uses_training_data_at_edit_time:
         raise EditCliError(f"run {run_id}: {p['method_class']} needs training data at edit time; use ft or a "
                            "learned editor's run")
-    model = load_model(p["model"], edit_params)
+    # Tasks with a prepared base model (FEVER) edit that model, not the raw alias.
+    model = load_model(p.get("base_model.path", p["model"]), edit_params)
+    model.name = p["model"]
     editor = cls(model, hparams)  # pydantic turns the logged strings back into typed values
     if has_ckpt:
         with tempfile.TemporaryDirectory() as tmp:
