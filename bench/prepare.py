@@ -148,15 +148,13 @@ def generation_targets(model: Any, records: list, seed: int, n_tokens: int = 10,
         words = prompt.split(" ")
         cut = rng.randint(1, max(1, len(words) // 2))
         rephrase = " ".join(words[cut:])
-        gen = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{r.case_id}".encode()).hexdigest()[:8], 16))
+        torch.manual_seed(int(hashlib.sha256(f"{seed}:{r.case_id}".encode()).hexdigest()[:8], 16))
         cur = torch.tensor([ids], device=model.device)
-        new: list[int] = []
-        with torch.no_grad():
-            for _ in range(n_tokens):
-                logits = model.logits({"input_ids": cur, "attention_mask": torch.ones_like(cur)})[0, -1]
-                nxt = int(torch.multinomial(torch.softmax(logits.float().cpu(), -1), 1, generator=gen))
-                new.append(nxt)
-                cur = torch.cat([cur, torch.tensor([[nxt]], device=model.device)], 1)
+        with torch.no_grad():  # multinomial sampling at temperature 1 over the full vocabulary, KV-cached
+            seq = model.model.generate(cur, attention_mask=torch.ones_like(cur), do_sample=True, top_k=0, top_p=1.0,
+                                       temperature=1.0, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                                       pad_token_id=tok.pad_token_id)
+        new = seq[0, cur.shape[1]:].tolist()
         target = tok.decode(new)
         rows.append({"prompt": prompt, "target": target, "rephrase": rephrase})
         out.append(replace(r, prompt=prompt, target=target, rephrases=(rephrase,)))

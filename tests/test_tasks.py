@@ -83,7 +83,7 @@ def test_wikitext_targets_are_generated_once_and_deterministic(tmp_path, monkeyp
         assert len(r.rephrases[0]) < len(r.prompt)
     files = list((tmp_path / "generated").glob("*.json"))
     assert len(files) == 1
-    monkeypatch.setattr(type(m), "logits", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
+    monkeypatch.setattr(m.model, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
     assert generation_targets(m, recs, seed=0) == a  # from the cache, no model call
     files[0].unlink()
     monkeypatch.undo()
