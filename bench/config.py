@@ -218,20 +218,19 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
     """All grid points of the sweep, each a JSON-able trial spec. Search-space hyper-parameters appear under
     ``tuned`` as TuneSpec dicts and are sampled by Ray Tune."""
     points: list[dict[str, Any]] = []
-    for mi, m in enumerate(sweep.methods):
+    for m in sweep.methods:
         combos, tuned = _grid_axes(m.hparams)
         for model, ds, seed, bs, hp in itertools.product(
             sweep.models, sweep.datasets, sweep.seeds, sweep.edit_batch_size, combos
         ):
             label = m.label or m.name
-            hp_all = {**hp, **{k: t.model_dump(exclude_none=True) for k, t in tuned.items()}}
+            tuned_specs = {k: t.model_dump(exclude_none=True) for k, t in tuned.items()}
             points.append(
                 {
                     "method": m.name,
                     "method_label": label,
-                    "method_index": mi,
                     "hparams": hp,
-                    "tuned": {k: t.model_dump(exclude_none=True) for k, t in tuned.items()},
+                    "tuned": tuned_specs,
                     "budget": m.budget.model_dump(),
                     "model": model.model_dump(),
                     "dataset": ds.model_dump(),
@@ -240,7 +239,7 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
                     "n_edits": sweep.n_edits,
                     "data_root": sweep.data_root,
                     "device": sweep.device,
-                    "run_name": f"{label}/{model.name}/{ds.name}/bs{bs}/s{seed}/{digest(hp_all)}",
+                    "run_name": f"{label}/{model.name}/{ds.name}/bs{bs}/s{seed}/{digest({**hp, **tuned_specs})}",
                 }
             )
     return points
