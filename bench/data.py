@@ -488,12 +488,14 @@ def _with_space(text: str) -> str:
 
 
 def collate(model: "EditableModel", prompts: Sequence[str], targets: Sequence[str] | Sequence[int],  # noqa: F821
-            records: Sequence[EditRecord] = (), max_length: int = 256, space: bool = True) -> EditBatch:
+            records: Sequence[EditRecord] = (), max_length: int = 256,
+            space: bool | Sequence[bool] = True) -> EditBatch:
     """Tokenise prompt/target pairs for the model's kind.
 
     - causal: ``prompt + " " + target`` as ids of the prompt followed by ids of the spaced target (tokenised
       apart so the boundary is exact), right-padded; labels on target tokens only, shifted to align with logits.
-      ``space=False`` keeps the target as given (generated continuations carry their own leading space).
+      ``space=False`` keeps the target as given (generated continuations carry their own leading space, or none
+      when they continue a word); a sequence gives the flag per row.
     - seq2seq: encoder gets the prompt, decoder the target (teacher forcing from the model's decoder start).
     - classifier: text and an integer label.
     """
@@ -502,6 +504,9 @@ def collate(model: "EditableModel", prompts: Sequence[str], targets: Sequence[st
     dev = model.device
     if len(prompts) != len(targets):
         raise ValueError(f"collate: {len(prompts)} prompts but {len(targets)} targets")
+    spaces = [space] * len(prompts) if isinstance(space, bool) else list(space)
+    if len(spaces) != len(prompts):
+        raise ValueError(f"collate: {len(prompts)} prompts but {len(spaces)} space flags")
     if model.kind == "classifier":
         enc = tok(list(prompts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         labels = torch.tensor([int(t) for t in targets], dtype=torch.long).unsqueeze(1)
@@ -516,9 +521,9 @@ def collate(model: "EditableModel", prompts: Sequence[str], targets: Sequence[st
                   "decoder_input_ids": dec_in, "decoder_attention_mask": tgt["attention_mask"]}
         return EditBatch({k: v.to(dev) for k, v in inputs.items()}, labels.to(dev), list(records))
     rows, labs = [], []
-    for p, t in zip(prompts, targets):
+    for p, t, sp in zip(prompts, targets, spaces):
         p_ids = tok(p, add_special_tokens=False)["input_ids"]
-        t_ids = tok(_with_space(str(t)) if space else str(t), add_special_tokens=False)["input_ids"]
+        t_ids = tok(_with_space(str(t)) if sp else str(t), add_special_tokens=False)["input_ids"]
         if not t_ids:
             raise DataError(f"target {t!r} tokenises to nothing")
         p_ids = p_ids[-(max_length - len(t_ids)):] if len(p_ids) + len(t_ids) > max_length else p_ids
@@ -561,7 +566,7 @@ def stack_batches(a: EditBatch, b: EditBatch, pad_id: int) -> EditBatch:
     return EditBatch(inputs, labels, [*a.records, *b.records])
 
 
-def _spaced(records: Sequence[EditRecord]) -> bool:
+def spaced(records: Sequence[EditRecord]) -> bool:
     """Answers follow their prompt after a space; generated continuations are kept verbatim."""
     return not records or records[0].kind != "generation"
 
@@ -569,13 +574,13 @@ def _spaced(records: Sequence[EditRecord]) -> bool:
 def edit_batch(model: "EditableModel", records: Sequence[EditRecord]) -> EditBatch:  # noqa: F821
     """x_e -> y_e for each record."""
     tgts = [r.label for r in records] if model.kind == "classifier" else [r.target for r in records]
-    return collate(model, [r.prompt for r in records], tgts, records, space=_spaced(records))
+    return collate(model, [r.prompt for r in records], tgts, records, space=spaced(records))
 
 
 def equiv_batch(model: "EditableModel", records: Sequence[EditRecord]) -> EditBatch:  # noqa: F821
     """x'_e -> y_e (x_e itself where the record has no rephrase)."""
     tgts = [r.label for r in records] if model.kind == "classifier" else [r.target for r in records]
-    return collate(model, [r.equiv_prompt for r in records], tgts, records, space=_spaced(records))
+    return collate(model, [r.equiv_prompt for r in records], tgts, records, space=spaced(records))
 
 
 def loc_batch(model: "EditableModel", records: Sequence[EditRecord]) -> EditBatch:  # noqa: F821

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from bench.data import EditRecord, collate, edit_batch
+from bench.data import EditRecord, collate, edit_batch, spaced
 from bench.losses import argmax_agreement, argmax_scores, per_seq_kl, perplexity, seq_logprob
 from bench.models import EditableModel
 
@@ -143,13 +143,16 @@ def base_correct(model: EditableModel, pairs: Sequence[tuple[str, str]], batch_s
     return out
 
 
-def _probe(model: EditableModel, groups: dict[str, tuple[list[str], list[Any]]], deltas: dict | None
+def _probe(model: EditableModel, groups: dict[str, tuple[list[str], list[Any], bool]], deltas: dict | None
            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Run several (prompts, targets) groups through ONE forward pass; returns (logits, labels) per group."""
-    names = [k for k, (p, _) in groups.items() if p]
+    """Run several (prompts, targets, space) groups through ONE forward pass, each group tokenised as
+    :func:`bench.data.collate` would tokenise it alone (``space``: whether its targets follow after a space);
+    returns (logits, labels) per group."""
+    names = [k for k, (p, _, _) in groups.items() if p]
     prompts = [x for k in names for x in groups[k][0]]
     targets = [x for k in names for x in groups[k][1]]
-    b = collate(model, prompts, targets)
+    spaces = [groups[k][2] for k in names for _ in groups[k][0]]
+    b = collate(model, prompts, targets, space=spaces)
     with torch.no_grad():
         logits = model.logits(b.inputs, deltas)
     out, i = {}, 0
@@ -185,14 +188,15 @@ def evaluate(
         tgt = [r.label for r in recs] if classifier else [r.target for r in recs]
         loc_tgt = [r.loc_label for r in recs] if classifier else [r.loc_answer for r in recs]
         known = [i for i, r in enumerate(recs) if r.true_answer is not None and not classifier]
-        groups: dict[str, tuple[list[str], list[Any]]] = {
-            "edit": ([r.prompt for r in recs], tgt),
-            "equiv": ([r.equiv_prompt for r in recs], tgt),
-            "loc": ([r.loc_prompt for r in recs], loc_tgt),
-            "true_e": ([recs[i].prompt for i in known], [recs[i].true_answer for i in known]),
-            "true_q": ([recs[i].equiv_prompt for i in known], [recs[i].true_answer for i in known]),
+        sp = spaced(recs)  # generated continuations (Wikitext) are kept verbatim, as edit_batch tokenises them
+        groups: dict[str, tuple[list[str], list[Any], bool]] = {
+            "edit": ([r.prompt for r in recs], tgt, sp),
+            "equiv": ([r.equiv_prompt for r in recs], tgt, sp),
+            "loc": ([r.loc_prompt for r in recs], loc_tgt, True),
+            "true_e": ([recs[i].prompt for i in known], [recs[i].true_answer for i in known], True),
+            "true_q": ([recs[i].equiv_prompt for i in known], [recs[i].true_answer for i in known], True),
             "nb_new": ([recs[i].loc_prompt for i in known] if rome_neighbourhood else [],
-                       [recs[i].target for i in known] if rome_neighbourhood else []),
+                       [recs[i].target for i in known] if rome_neighbourhood else [], True),
         }
         pre = _probe(model, {k: groups[k] for k in ("equiv", "loc")}, None)
         eb = edit_batch(model, recs)

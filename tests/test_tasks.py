@@ -118,3 +118,28 @@ def test_generation_edit_reports_perplexity_drawdown(tmp_path, monkeypatch) -> N
 def test_paper_sweeps_dry_run_offline(path: Path, capsys) -> None:
     assert run_main([str(path), "--dry-run"]) == 0
     assert "mend" in capsys.readouterr().out
+
+
+def test_a_continuation_without_leading_space_is_scored_on_the_tokens_it_was_edited_to() -> None:
+    """Generated targets that continue a word ("ing ...") carry no leading space; evaluation must score the same
+    tokens the editor was given (a space added there would make every such edit fail)."""
+    from bench.data import EditRecord, edit_batch, equiv_batch
+    from bench.losses import argmax_scores
+    from bench.metrics import evaluate
+    from methods.ft import FT
+
+    m = load_model("tiny-gpt2")
+    rec = EditRecord(case_id="0", task="wikitext", kind="generation", prompt="The old bridge was still stand",
+                     target="ing in the rain", rephrases=("bridge was still stand",), loc_prompt="Rivers",
+                     loc_answer="flow into the sea and the lakes")
+    eb = edit_batch(m, [rec])
+    spaced_ids = m.tokenizer(" ing in the rain", add_special_tokens=False)["input_ids"]
+    assert eb.labels[eb.labels != -100].tolist() != spaced_ids  # the tokens really differ with a space
+    ed = FT(m, {"lr": 5e-2, "max_steps": 60})
+    e = ed.edit(eb)
+    assert bool(argmax_scores(m.logits(eb.inputs, e.deltas), eb.labels)[0].all()), "FT did not reach the target"
+    qb = equiv_batch(m, [rec])
+    q_exact = bool(argmax_scores(m.logits(qb.inputs, e.deltas), qb.labels)[0].all())
+    (row,) = evaluate(FT(m, {"lr": 5e-2, "max_steps": 60}), m, [rec]).rows
+    assert row["edit_acc"] == 1.0
+    assert row["es"] == float(q_exact)
