@@ -75,6 +75,14 @@ class ModelEntry(_Strict):
     edit_params: list[str] | None = Field(default=None, description="globs overriding the family default")
 
 
+class GenerateEntry(_Strict):
+    """Generation-task settings (Wikitext) overriding the dataset card's ``generate`` block."""
+
+    n_tokens: PositiveInt | None = Field(default=None, description="length of the sampled target y_e")
+    max_prompt_tokens: PositiveInt | None = Field(default=None, le=200,
+                                                  description="x_e = the passage's first N tokens (paper: 200)")
+
+
 class DatasetEntry(_Strict):
     name: str
     locality: str | None = Field(default=None, description="locality source named on the dataset card")
@@ -82,6 +90,7 @@ class DatasetEntry(_Strict):
     n_val: PositiveInt | None = None
     paths: dict[str, str] = Field(default_factory=dict, description="split -> file replacing the card's")
     prepare: dict[str, float] | None = Field(default=None, description="override the card's base-model preparation")
+    generate: GenerateEntry | None = Field(default=None, description="override the card's target generation")
     source: Literal["local", "public"] = Field(
         default="local", description="local: files under the data root; public: the card's public URLs (internet)")
 
@@ -277,6 +286,8 @@ def validate(sweep: Sweep, source: str = "sweep") -> list[dict[str, Any]]:
     for i, ds in enumerate(sweep.datasets):
         try:
             card = load_card(ds.name)
+            if ds.generate is not None and card.kind != "generation":
+                raise DataError(f"generate is only for generation datasets; {ds.name} is {card.kind}")
             if ds.source == "public":
                 urls = (card.source or {}).get("files") or {}
                 if not urls:

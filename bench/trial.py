@@ -132,9 +132,11 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
                            device=device)
         model.name = model_spec["name"]
         if task.card.kind == "generation":  # y_e sampled from the base model itself, cached per dataset
+            gen = {**task.card.generate, **{k: v for k, v in (ds.get("generate") or {}).items() if v is not None}}
+            run.log_params({f"generate.{k}": v for k, v in gen.items()})
             for split in ("train", "val", "test"):
                 task.splits[split] = generation_targets(
-                    model, task.splits[split], seed, cache_tag=f"{task.files[split]}:{split}", **task.card.generate)
+                    model, task.splits[split], seed, cache_tag=f"{task.files[split]}:{split}", **gen)
         run.log_params({"model_params": model.meta["n_params"], "edit_params": ",".join(model.edit_params)})
         loc_source = ds.get("locality") or task.card.default_locality
         loc_counts = _apply_locality(model, task, loc_source, cfg.get("data_root"), seed)

@@ -41,3 +41,29 @@ def test_trial_end_to_end(method: str, model: str, tmp_path) -> None:
     if learned:
         hist = client(uri).get_metric_history(df["run_id"][0], "val_es")
         assert [m.step for m in hist][:2] == [0, 2]  # validation before training and every val_every steps
+
+
+def test_generation_settings_from_the_sweep_reach_target_generation(tmp_path, monkeypatch) -> None:
+    """A sweep's ``generate`` block overrides the card's: x_e is cut to max_prompt_tokens, y_e has n_tokens."""
+    import json
+
+    from bench.models import load_model
+
+    monkeypatch.setenv("EDITBENCH_CACHE", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    sweep = Sweep(name="t", n_edits=2, models=[{"name": "tiny-gpt2"}],
+                  datasets=[{"name": "wikitext", "n_train": 3, "n_val": 2,
+                             "generate": {"max_prompt_tokens": 24, "n_tokens": 4}}],
+                  methods=[{"name": "ft", "hparams": HP["ft"]}])
+    (point,) = plan(sweep)
+    prepare_experiment(uri, "t")
+    run_trial(point, uri, "t")
+    df = runs_frame(uri, "t")
+    assert df["status"][0] == "FINISHED"
+    assert df["p.generate.max_prompt_tokens"][0] == "24" and df["p.generate.n_tokens"][0] == "4"
+    tok = load_model("tiny-gpt2").tokenizer
+    rows = [r for f in (tmp_path / "cache" / "generated").glob("*.json") for r in json.loads(f.read_text())]
+    assert len(rows) == 3 + 2 + 2
+    for r in rows:
+        assert len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) <= 25  # decode/re-encode may split one
+        assert 2 <= len(tok(r["target"], add_special_tokens=False)["input_ids"]) <= 6
