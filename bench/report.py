@@ -55,7 +55,14 @@ class Report:
 
 
 def load_runs(uri: str, experiment: str) -> Any:
-    """FINISHED trial runs of ``experiment`` as polars, with typed columns method/model/dataset/bs/model_params."""
+    """FINISHED trial runs of ``experiment`` as polars, with typed columns method/model/dataset/bs/model_params.
+
+    A grid point run again (same run name: method, model, dataset, batch size, seed and hyper-parameter digest)
+    counts once, by its newest run, so a rerun sweep replaces its earlier results instead of being pooled with
+    them; different seeds are different points and are pooled by the tables. Runs of one method that differ in
+    hyper-parameters or training budget (a grid or search space) are different configurations: their ``method``
+    column names the differing values, e.g. ``ft (hparams.lr=0.001)``, so no table pools across them.
+    """
     import polars as pl
 
     from bench.tracking import client, runs_frame
@@ -70,11 +77,29 @@ def load_runs(uri: str, experiment: str) -> Any:
         df = df.filter(pl.col(f"t.{REPORT_TAG}").is_null())
     if df.is_empty():
         raise ReportError(f"experiment {experiment!r} has no FINISHED trial runs")
+    newest = df.sort("start_time", descending=True).unique(subset=["run_name"], keep="first", maintain_order=True)
+    if newest.height < df.height:
+        log.info("%s: %d earlier run(s) of a rerun grid point left out (newest kept)", experiment,
+                 df.height - newest.height)
+    df = newest
     casts = [pl.col("p.method").alias("method"), pl.col("p.model").alias("model"),
              pl.col("p.dataset").alias("dataset"), pl.col("p.edit_batch_size").cast(pl.Int64).alias("bs")]
     if "p.model_params" in df.columns:
         casts.append(pl.col("p.model_params").cast(pl.Float64).alias("model_params"))
-    return df.with_columns(casts)
+    df = df.with_columns(casts)
+    return df.with_columns(pl.Series("method", _config_labels(df.to_dicts())))
+
+
+def _config_labels(rows: list[dict]) -> list[str]:
+    """Each run's method name, followed by the hyper-parameter and budget values that tell its configuration apart
+    from the method's other runs (none when the method ran in one configuration)."""
+    keys = sorted({k for r in rows for k in r if k.startswith(("p.hparams.", "p.budget."))})
+    differing: dict[str, list[str]] = {}
+    for m in {r["method"] for r in rows}:
+        mine = [r for r in rows if r["method"] == m]
+        differing[m] = [k for k in keys if len({r.get(k) for r in mine}) > 1]
+    return [r["method"] if not differing[r["method"]] else
+            f"{r['method']} ({', '.join(f'{k[2:]}={r.get(k)}' for k in differing[r['method']])})" for r in rows]
 
 
 def _num(row: dict, key: str) -> float:
@@ -143,8 +168,9 @@ def table_results(df: Any) -> tuple[list[str], list[list[str]], str]:
             text = "-" if c is None else c[1]
             row.append(f"**{text}**" if best.get((ds, model)) == m and c else text)
         rows.append(row)
-    note = ("ES = edit success on the equivalence input (MEND style); DD = drawdown (locality accuracy before minus "
-            "after); agree = share of locality answer tokens whose argmax is unchanged; mean ± 95% CI over n edits; "
+    note = ("ES = edit success on the equivalence input (MEND style); DD = drawdown (QA and classification: locality "
+            "accuracy before minus after; generation: relative perplexity increase on locality passages, "
+            "ppl_after / ppl_before - 1); agree = share of locality answer tokens whose argmax is unchanged; mean ± 95% CI over n edits; "
             "bold = best ES in the column; smallest edit batch size of each column.")
     return header, rows, note
 

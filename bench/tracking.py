@@ -163,7 +163,8 @@ def trial_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str])
 
 
 def runs_frame(uri: str, experiment: str, filter_string: str = "") -> Any:
-    """All runs of an experiment as a polars DataFrame: run id/name/status, params (``p.``), metrics, tags (``t.``)."""
+    """All runs of an experiment as a polars DataFrame: run id/name/status/start time (ms), params (``p.``), metrics,
+    tags (``t.``)."""
     import polars as pl
 
     c = client(uri)
@@ -175,7 +176,8 @@ def runs_frame(uri: str, experiment: str, filter_string: str = "") -> Any:
     while True:
         page = c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
         for r in page:
-            row: dict[str, Any] = {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status}
+            row: dict[str, Any] = {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+                                   "start_time": r.info.start_time}
             row.update({f"p.{k}": v for k, v in r.data.params.items()})
             row.update(r.data.metrics)
             row.update({f"t.{k}": v for k, v in r.data.tags.items() if not k.startswith("mlflow.")})

@@ -150,3 +150,25 @@ def test_edit_cli_errors(store, capsys) -> None:
     # ft needs no checkpoint: the demo runs
     assert edit_main(["--run", rid, "--tracking-uri", uri, "--prompt", "a", "--target", "b",
                       "--max-new-tokens", "2"]) == 0
+
+
+def test_a_rerun_point_counts_once_and_configurations_are_not_pooled(tmp_path) -> None:
+    """The same point run twice: only the newer run counts. Two learning rates of one method: two rows."""
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    sweep = Sweep(name="again", n_edits=2, models=["tiny-gpt2"], datasets=[{"name": "zsre", "n_train": 8, "n_val": 2}],
+                  methods=[{"name": "ft", "hparams": {"lr": [1e-2, 1e-3], "max_steps": 2}}])
+    first, second = plan(sweep)
+    prepare_experiment(uri, "again")
+    for point in (first, first, second):
+        run_trial(point, uri, "again")
+    every = runs_frame(uri, "again")
+    assert every.height == 3 and set(every["status"]) == {"FINISHED"}
+    df = load_runs(uri, "again")
+    assert df.height == 2
+    reran = every.filter(every["run_name"] == first["run_name"]).sort("start_time")["run_id"][-1]
+    assert reran in df["run_id"].to_list()
+    labels = {f"ft (hparams.lr={lr})" for lr in every["p.hparams.lr"].unique().to_list()}
+    assert set(df["method"]) == labels and len(labels) == 2
+    rows = build(uri, "again", tmp_path / "rep", ["md"]).tables["results"][1]
+    assert {r[0] for r in rows} == labels
+    assert all("(n=2)" in r[1] for r in rows)  # 2 edits each: neither the rerun nor the other lr pooled in
