@@ -58,7 +58,7 @@ def load_runs(uri: str, experiment: str) -> Any:
     """FINISHED trial runs of ``experiment`` as polars, with typed columns method/model/dataset/bs/model_params.
 
     A grid point run again (same run name: method, model, dataset, batch size, seed and hyper-parameter digest)
-    counts once, by its newest run, so a rerun sweep replaces its earlier results instead of being pooled with
+    counts once, by its newest FINISHED run, so a rerun sweep replaces its earlier results instead of being pooled with
     them; different seeds are different points and are pooled by the tables. Runs of one method that differ in
     hyper-parameters or training budget (a grid or search space) are different configurations: their ``method``
     column names the differing values, e.g. ``ft (hparams.lr=0.001)``, so no table pools across them.
@@ -170,8 +170,8 @@ def table_results(df: Any) -> tuple[list[str], list[list[str]], str]:
         rows.append(row)
     note = ("ES = edit success on the equivalence input (MEND style); DD = drawdown (QA and classification: locality "
             "accuracy before minus after; generation: relative perplexity increase on locality passages, "
-            "ppl_after / ppl_before - 1); agree = share of locality answer tokens whose argmax is unchanged; mean ± 95% CI over n edits; "
-            "bold = best ES in the column; smallest edit batch size of each column.")
+            "ppl_after / ppl_before - 1); agree = share of locality answer tokens whose argmax is unchanged; "
+            "mean ± 95% CI over n edits; bold = best ES in the column; smallest edit batch size of each column.")
     return header, rows, note
 
 
