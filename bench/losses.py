@@ -83,4 +83,6 @@ def loc_mask(inputs: dict[str, Tensor], labels: Tensor, kind: str) -> Tensor:
 
 
 __all__ = [
-    "token_logprobs", "seq_logprob", "perplexity", "nll", "kl_div", "per_seq_kl", "argmax_scores", "argmax_agreement", "loc_mask"]
+    "token_logprobs", "seq_logprob", "perplexity", "nll", "kl_div", "per_seq_kl", "argmax_scores", "argmax_agreement",
+    "loc_mask",
+]

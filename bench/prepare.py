@@ -136,11 +136,14 @@ def generation_targets(model: Any, records: list, seed: int, n_tokens: int = 10,
                            "\x1f".join(r.prompt for r in records).encode()).hexdigest()}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     path = _cache_root() / "generated" / f"{Path(model.name).name}-{key}.json"
-    if path.exists():
-        cached = json.loads(path.read_text())
+
+    def with_rows(rows: list[dict]) -> list:
         return [replace(r, prompt=c["prompt"], target=c["target"], rephrases=(c["rephrase"],))
-                for r, c in zip(records, cached)]
-    out, rows = [], []
+                for r, c in zip(records, rows)]
+
+    if path.exists():
+        return with_rows(json.loads(path.read_text()))
+    rows = []
     for r in records:
         ids = tok(r.prompt, add_special_tokens=False)["input_ids"][:max_prompt_tokens]
         prompt = tok.decode(ids)
@@ -157,7 +160,6 @@ def generation_targets(model: Any, records: list, seed: int, n_tokens: int = 10,
         new = seq[0, cur.shape[1]:].tolist()
         target = tok.decode(new)
         rows.append({"prompt": prompt, "target": target, "rephrase": rephrase})
-        out.append(replace(r, prompt=prompt, target=target, rephrases=(rephrase,)))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows))
-    return out
+    return with_rows(rows)
