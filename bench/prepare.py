@@ -161,5 +161,8 @@ def generation_targets(model: Any, records: list, seed: int, n_tokens: int = 10,
         target = tok.decode(new)
         rows.append({"prompt": prompt, "target": target, "rephrase": rephrase})
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows))
+    # Written whole or not at all: a trial killed mid-write must not leave a truncated cache for the next one.
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(rows))
+    tmp.replace(path)
     return with_rows(rows)
