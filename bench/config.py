@@ -11,23 +11,88 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import random
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from bench.data import DataError, load_card, load_task
+from bench.data import DataError, file_sha256, load_card, load_task, resolve_file, split_overlaps
 from bench.models import ModelSpecError, resolve_model_source
 from methods import REGISTRY
+
+#: Longest echo of a user's value in an error message (a YAML alias bomb must not print megabytes).
+ECHO_LIMIT = 200
 
 
 class SweepError(ValueError):
     """A sweep that cannot run; ``str(err)`` is one line naming the key or file and what would be valid."""
 
 
+def cut(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` on one line, cut to ``limit`` characters with a note of how much was cut."""
+    text = " ".join(str(text).splitlines())
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def clip(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters (see :func:`cut`)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply to show>"
+    return cut(text, limit)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (not "last one wins")."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+            except TypeError:  # unhashable key: let the base loader give its own error
+                break
+            if dup:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {clip(key)} (a key may appear once per mapping)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path, what: str = "file") -> Any:
+    """Parse one YAML file strictly: UTF-8 only, no duplicate keys, bounded nesting; errors are one-line
+    :class:`SweepError` naming the file (and line where YAML knows it)."""
+    if path.is_dir():
+        raise SweepError(f"{path}: is a directory; give a {what} YAML file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SweepError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SweepError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                         f"save the {what} as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SweepError(f"{path}:{where} invalid YAML: {cut(str(getattr(e, 'problem', None) or e))}") from None
+    except RecursionError:
+        raise SweepError(f"{path}: YAML nested too deeply to read; a {what} is a few levels deep") from None
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: YAML's `yes` is not an int, "3" is not a number; ints still count as floats.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TuneSpec(_Strict):
@@ -122,6 +187,9 @@ class MethodEntry(_Strict):
 
 
 class SchedulerEntry(_Strict):
+    """ASHA over the validation metrics learned editors report (``methods.base.LearnedEditor.validation_metrics``);
+    one time unit is one report (a validation)."""
+
     type: Literal["asha"] = "asha"
     metric: str = "val_es"
     mode: Literal["max", "min"] = "max"
@@ -138,7 +206,7 @@ class Resources(_Strict):
 class Sweep(_Strict):
     """A validated sweep file."""
 
-    name: str = Field(description="MLflow experiment name")
+    name: str = Field(min_length=1, description="MLflow experiment name")
     description: str = ""
     tracking_uri: str | None = None
     data_root: str | None = None
@@ -153,6 +221,21 @@ class Sweep(_Strict):
     models: list[ModelEntry] = Field(min_length=1)
     datasets: list[DatasetEntry] = Field(min_length=1)
     methods: list[MethodEntry] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank (it names the MLflow experiment)")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "Sweep":
+        too_big = [b for b in self.edit_batch_size if b > self.n_edits]
+        if too_big:
+            raise ValueError(f"edit_batch_size {too_big[0]} is larger than n_edits ({self.n_edits}); "
+                             f"use a batch size <= n_edits")
+        return self
 
     @field_validator("edit_batch_size", "seeds", mode="before")
     @classmethod
@@ -170,14 +253,42 @@ class Sweep(_Strict):
         return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
 
 
-def _format_validation(err: ValidationError, source: str) -> str:
+def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at ``loc`` (for listing its valid keys)."""
+    import typing
+
+    cls: Any = root
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        cands = [ann, *typing.get_args(ann)]
+        cands += [a for c in list(cands) for a in typing.get_args(c)]
+        nxt = next((c for c in cands if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        cls = nxt
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def format_validation(err: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
+    """One line for a pydantic error: where, what, the offending value (clipped), and valid keys for unknown ones."""
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
     msg = e["msg"].removeprefix("Value error, ")
     extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     if e["type"] == "extra_forbidden":
-        msg = "unknown key"
-    return f"{source}: {loc}: {msg}{extra}"
+        holder = _model_at(root, tuple(e["loc"])) if root is not None else None
+        valid = f"; valid: {', '.join(holder.model_fields)}" if holder is not None else ""
+        return f"{source}: {loc}: unknown key{valid}{extra}"
+    got = ""
+    if "input" in e and e["type"] not in ("missing", "value_error") and not isinstance(e["input"], dict):
+        got = f" (got {clip(e['input'])})"
+    return f"{source}: {cut(loc)}: {cut(msg, 2 * ECHO_LIMIT)}{got}{extra}"
+
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -185,21 +296,32 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.exists():
         raise SweepError(f"sweep file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SweepError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+    raw = read_yaml(path, "sweep")
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
         return Sweep(**raw)
     except ValidationError as e:
-        raise SweepError(_format_validation(e, str(path))) from None
+        raise SweepError(format_validation(e, str(path), Sweep)) from None
+    except RecursionError:
+        raise SweepError(f"{path}: values nested too deeply to validate") from None
 
 
 # ------------------------------------------------------------------------------------------------ the plan
+
+
+def _tune_spec(key: str, value: dict[str, Any]) -> TuneSpec:
+    """A search space for hyper-parameter ``key``; errors name it (``hparams.lr.lower: ...``)."""
+    try:
+        return TuneSpec(**value)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key; valid: {', '.join(TuneSpec.model_fields)}"
+        got = f" (got {clip(err['input'])})" if err["type"] not in ("value_error", "missing") else ""
+        raise SweepError(f"hparams.{key}{'.' + where if where else ''}: {msg}{got}") from None
 
 
 def _grid_axes(hparams: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, TuneSpec]]:
@@ -208,8 +330,10 @@ def _grid_axes(hparams: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str,
     tuned: dict[str, TuneSpec] = {}
     for k, v in hparams.items():
         if isinstance(v, dict) and "tune" in v:
-            tuned[k] = TuneSpec(**v)
+            tuned[k] = _tune_spec(k, v)
         elif isinstance(v, list):
+            if not v:
+                raise SweepError(f"hparams.{k}: an empty list is an empty grid axis; give at least one value")
             fixed[k] = v
         else:
             fixed[k] = [v]
@@ -223,14 +347,37 @@ def digest(obj: Any, n: int = 6) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
+def data_files(ds: DatasetEntry, data_root: str | None) -> dict[str, str]:
+    """Content digests (sha256) of every file a dataset entry can read: the card's split files or the sweep's
+    ``paths`` replacing them, the rephrase file and the chosen locality file; the public URLs for
+    ``source: public``. Part of a trial's configuration digest, so the same point on other data is another point."""
+    card = load_card(ds.name)
+    if ds.source == "public":
+        return {k: f"url:{u}" for k, u in sorted(((card.source or {}).get("files") or {}).items())}
+    rel = {**card.files, **ds.paths}
+    if card.rephrase_file:
+        rel["rephrase"] = card.rephrase_file
+    loc = card.locality.get(ds.locality or card.default_locality)
+    if loc is not None and loc.file:
+        rel["locality"] = loc.file
+    out: dict[str, str] = {}
+    for key, f in sorted(rel.items()):
+        try:
+            out[key] = file_sha256(resolve_file(f, data_root))
+        except DataError:  # a card file this entry never reads (its splits all come from paths)
+            out[key] = "absent"
+    return out
+
+
 def plan(sweep: Sweep) -> list[dict[str, Any]]:
     """All grid points of the sweep, each a JSON-able trial spec. Search-space hyper-parameters appear under
-    ``tuned`` as TuneSpec dicts and are sampled by Ray Tune."""
+    ``tuned`` as TuneSpec dicts; :func:`trials` draws their values."""
     points: list[dict[str, Any]] = []
+    fingerprints = {i: data_files(ds, sweep.data_root) for i, ds in enumerate(sweep.datasets)}
     for m in sweep.methods:
         combos, tuned = _grid_axes(m.hparams)
-        for model, ds, seed, bs, hp in itertools.product(
-            sweep.models, sweep.datasets, sweep.seeds, sweep.edit_batch_size, combos
+        for model, (di, ds), seed, bs, hp in itertools.product(
+            sweep.models, enumerate(sweep.datasets), sweep.seeds, sweep.edit_batch_size, combos
         ):
             label = m.label or m.name
             tuned_specs = {k: t.model_dump(exclude_none=True) for k, t in tuned.items()}
@@ -243,6 +390,7 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
                     "budget": m.budget.model_dump(),
                     "model": model.model_dump(),
                     "dataset": ds.model_dump(),
+                    "data_files": fingerprints[di],
                     "seed": seed,
                     "edit_batch_size": bs,
                     "n_edits": sweep.n_edits,
@@ -254,30 +402,118 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
     return points
 
 
+def config_digest(point: dict[str, Any], hparams: dict[str, Any]) -> str:
+    """Stable digest of everything that determines a trial's result: method (and label), concrete hparams,
+    budget, model and edited-weight globs, dataset options and file contents, seed, batch size and n_edits. Not
+    the data root, the device or the store: the same trial elsewhere has the same digest (``--resume`` key)."""
+    ds = dict(point["dataset"])
+    ds["paths"] = sorted(ds.get("paths") or {})  # which splits are replaced; their contents are in data_files
+    return digest({"method": point["method"], "label": point["method_label"], "hparams": hparams,
+                   "budget": point["budget"], "model": point["model"], "dataset": ds,
+                   "data_files": point["data_files"], "seed": point["seed"],
+                   "edit_batch_size": point["edit_batch_size"], "n_edits": point["n_edits"]}, 16)
+
+
+def sample(spec: TuneSpec, rng: random.Random) -> Any:
+    """One value from a search space, with Ray Tune's semantics (``randint`` excludes ``upper``)."""
+    if spec.tune == "choice":
+        return rng.choice(list(spec.values or []))
+    lo, hi = float(spec.lower), float(spec.upper)  # type: ignore[arg-type]
+    if spec.tune == "randint":
+        return rng.randrange(int(lo), int(hi))
+    if spec.tune == "loguniform":
+        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    v = rng.uniform(lo, hi)
+    if spec.tune == "quniform":
+        q = spec.q or 1.0
+        v = round(v / q) * q
+    return v
+
+
+def trials(sweep: Sweep, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The concrete trials: each grid point once, or ``num_samples`` times with its search spaces drawn.
+
+    Draws are seeded by the point's configuration and the sample index, so the same sweep gives the same trials
+    (what ``--resume`` needs to recognise finished ones). Every trial carries ``config_digest`` and, when drawn,
+    ``sampled``; a grid point without search spaces is one trial (a repeat would be identical: trials are
+    deterministic).
+    """
+    out: list[dict[str, Any]] = []
+    for p in points:
+        if not p["tuned"]:
+            out.append({**p, "sampled": {}, "config_digest": config_digest(p, p["hparams"])})
+            continue
+        specs = {k: TuneSpec(**v) for k, v in p["tuned"].items()}
+        base = config_digest(p, {"fixed": p["hparams"], "tuned": p["tuned"]})
+        for s in range(sweep.num_samples):
+            rng = random.Random(f"{base}/{s}")
+            drawn = {k: sample(specs[k], rng) for k in sorted(specs)}
+            hp = {**p["hparams"], **drawn}
+            suffix = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in drawn.items())
+            out.append({**p, "hparams": hp, "sampled": drawn, "run_name": f"{p['run_name']}/{suffix}",
+                        "config_digest": config_digest(p, hp)})
+    return out
+
+
+def _check_scheduler(sweep: Sweep, source: str) -> None:
+    """A scheduler needs a metric that learned editors report at each validation, in its better direction, at
+    least one method that reports it, and a ``max_t`` that lets a full fit end with its evaluation."""
+    from methods import Budget
+
+    sc = sweep.scheduler
+    if sc is None:
+        return
+    known: dict[str, str] = {}
+    for cls in REGISTRY.values():
+        known.update(cls.validation_metrics)
+    if sc.metric not in known:
+        raise SweepError(f"{source}: scheduler.metric: {clip(sc.metric)} is not reported during training; "
+                         f"valid: {', '.join(sorted(known))}")
+    if known[sc.metric] != sc.mode:
+        raise SweepError(f"{source}: scheduler.mode: {sc.metric} is better when "
+                         f"{'higher' if known[sc.metric] == 'max' else 'lower'}; use mode: {known[sc.metric]}")
+    reporting = [(i, m) for i, m in enumerate(sweep.methods) if sc.metric in REGISTRY[m.name].validation_metrics]
+    if not reporting:
+        silent = ", ".join(dict.fromkeys(m.name for m in sweep.methods))
+        learned = ", ".join(n for n, c in REGISTRY.items() if sc.metric in c.validation_metrics)
+        raise SweepError(f"{source}: scheduler: no method here reports {sc.metric} ({silent} never do: they do not "
+                         f"train); add a learned editor ({learned}) or remove the scheduler")
+    for i, m in reporting:
+        b = Budget(**m.budget.model_dump())
+        need = REGISTRY[m.name].reports_per_fit(b) + 1  # + the final evaluation's report
+        if sc.max_t < need:
+            raise SweepError(f"{source}: scheduler.max_t ({sc.max_t}) is below the {need} reports of methods.{i} "
+                             f"({m.name}: max_steps {b.max_steps}, val_every {b.val_every}, plus its evaluation); "
+                             f"ASHA would stop a full fit before it is evaluated; use max_t >= {need}")
+
+
 def validate(sweep: Sweep, source: str = "sweep") -> list[dict[str, Any]]:
-    """Check everything that can be checked without weights: hyper-parameter values per method, model names,
-    dataset cards, locality sources, data files, record fields and non-empty splits. Returns the plan."""
+    """Check everything that can be checked without weights: hyper-parameter values per method (strictly typed),
+    search spaces, the scheduler, model names, dataset cards, locality sources, data files, record fields,
+    non-empty splits, ``n_edits`` against the test split, and ``paths`` files that share records with another
+    split. Returns the plan."""
     for mi, m in enumerate(sweep.methods):
         cls = REGISTRY[m.name]
         try:
             combos, tuned = _grid_axes(m.hparams)
-        except ValidationError as e:
-            raise SweepError(_format_validation(e, f"{source}: methods.{mi}.hparams")) from None
+        except SweepError as e:
+            raise SweepError(f"{source}: methods.{mi}.{e}") from None
         for combo in combos:
             probes = [combo] if not tuned else [
                 {**combo, **{k: t.probes()[i % len(t.probes())] for k, t in tuned.items()}} for i in range(2)
             ]
             for values in probes:
                 try:
-                    cls.Hparams(**values)
+                    cls.Hparams.model_validate(values, strict=True)
                 except ValidationError as e:
                     err = e.errors()[0]
                     key = ".".join(str(p) for p in err["loc"])
                     valid = ", ".join(sorted(cls.Hparams.model_fields)) if err["type"] == "extra_forbidden" else ""
                     msg = f"unknown key for {m.name}; valid: {valid}" if valid else err["msg"]
                     raise SweepError(
-                        f"{source}: methods.{mi}.hparams.{key}: {msg} (got {err.get('input')!r})"
+                        f"{source}: methods.{mi}.hparams.{key}: {msg} (got {clip(err.get('input'))})"
                     ) from None
+    _check_scheduler(sweep, source)
     for i, model in enumerate(sweep.models):
         try:
             resolve_model_source(model.name)
@@ -297,12 +533,17 @@ def validate(sweep: Sweep, source: str = "sweep") -> list[dict[str, Any]]:
             if loc not in card.locality:
                 raise DataError(f"locality {loc!r} unknown for {ds.name}; valid: {', '.join(card.locality)}")
             if card.locality[loc].file:
-                from bench.data import resolve_file
-
                 resolve_file(card.locality[loc].file, sweep.data_root)
             for seed in sweep.seeds:
-                load_task(ds.name, sweep.data_root, seed=seed,
-                          sizes={"train": ds.n_train, "val": ds.n_val, "test": sweep.n_edits}, paths=ds.paths)
+                task = load_task(ds.name, sweep.data_root, seed=seed,
+                                 sizes={"train": ds.n_train, "val": ds.n_val}, paths=ds.paths)
+                for split, file, other, other_file, n in split_overlaps(task, ds.paths):
+                    raise DataError(f"paths.{split} ({file}) shares {n} record(s) with the {other} split "
+                                    f"({other_file}); a split must not contain another's edits")
+                if len(task["test"]) < sweep.n_edits:
+                    raise DataError(f"n_edits ({sweep.n_edits}) is more than the test split holds "
+                                    f"({len(task['test'])} records from {task.files['test']}, seed {seed}); "
+                                    f"use n_edits <= {len(task['test'])}")
         except DataError as e:
             raise SweepError(f"{source}: datasets.{i} ({ds.name}): {e}") from None
     return plan(sweep)

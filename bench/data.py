@@ -8,6 +8,7 @@ then to the repository).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -207,8 +208,34 @@ def resolve_file(rel: str, data_root: str | os.PathLike | None = None) -> Path:
 # ----------------------------------------------------------------------------------------------------- readers
 
 
+def read_text(path: Path) -> str:
+    """A data file's text; a file that is not UTF-8 (or cannot be read) is a :class:`DataError` naming it."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); data files must be UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes (memoised per path, size and modification time)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
 def _load_json_rows(path: Path) -> list[dict]:
-    text = path.read_text()
+    text = read_text(path)
     try:
         if path.suffix == ".jsonl":
             return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -314,7 +341,7 @@ def read_wikitext(path: Path, card: DatasetCard, data_root: str | os.PathLike | 
     min_words = int(card.fields.get("min_words", 50))
     loc_words = int(card.fields.get("loc_words", 100))
     paras = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text(path).splitlines():
         t = line.strip()
         if not t or t.startswith("=") or not t.isascii() or len(t.split()) < min_words:
             continue
@@ -428,6 +455,25 @@ def load_task(
         if not read[s]:
             raise DataError(f"dataset {name!r}: split {s!r} is empty (file {files.get(s)}); check its size/fraction")
     return TaskData(card=card, splits={s: read[s] for s in SPLITS}, files=files)
+
+
+def split_overlaps(task: TaskData, own: Sequence[str]) -> list[tuple[str, str, str, str, int]]:
+    """For each split in ``own`` (given its own file by a sweep's ``paths``): the other splits sharing records
+    with it, as (split, its file, other split, other file, shared count). A record is its (prompt, target,
+    label); the other splits are compared whole, before any size cut (the pool training draws from)."""
+    def key(r: EditRecord) -> tuple:
+        return (r.prompt, r.target, r.label)
+
+    out = []
+    for s in own:
+        mine = {key(r) for r in task.splits[s]}
+        for o in SPLITS:
+            if o == s:
+                continue
+            n = len(mine & {key(r) for r in task.splits[o]})
+            if n:
+                out.append((s, task.files.get(s, "?"), o, task.files.get(o, "?"), n))
+    return out
 
 
 def locality_pool(card: DatasetCard, source: str, data_root: str | os.PathLike | None = None) -> list[tuple[str, str]]:

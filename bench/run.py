@@ -1,21 +1,25 @@
 """``python -m bench.run SWEEP.yaml``: validate a sweep, run one Ray Tune trial per grid point, summarise.
 
-Exit codes: 0 all trials finished; 1 some trial failed (its reason is printed); 2 the sweep is invalid (one line
-naming the key or file, printed before Ray starts; no MLflow run is created).
+Every trial is one MLflow run tagged with a digest of its configuration (``editbench.config_digest``): the
+tracking store is the record of what is done. ``--resume`` runs only the trials without a FINISHED run for their
+digest. SIGINT/SIGTERM stop the sweep: trials still running end KILLED, the summary of what finished is printed.
+No run of the sweep is left RUNNING on any exit path.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.config import Sweep, SweepError, TuneSpec, load_sweep, validate
+from bench import cli
+from bench.config import Sweep, SweepError, load_sweep, trials, validate
 
 log = logging.getLogger("bench.run")
 
@@ -23,64 +27,83 @@ SUMMARY_COLUMNS = [
     "method", "model", "dataset", "edit_batch_size", "n_edits", "es", "es_ci95", "edit_acc", "drawdown",
     "loc_agree", "loc_kl", "edit_time_s", "edit_peak_mem_mb", "train_time_s", "status",
 ]
+EXIT_CODES = {0: "every trial finished", 1: "some trial failed (its reason is printed)",
+              2: "invalid sweep or option (one line, before Ray starts; no MLflow run is created)",
+              130: "interrupted by SIGINT (Ctrl-C): running trials were stopped and their runs marked KILLED",
+              143: "stopped by SIGTERM, as for SIGINT"}
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+def _parse(argv: list[str] | None) -> Any:
+    ap = cli.parser("python -m bench.run", __doc__, EXIT_CODES,
+                    "python -m bench.run sweeps/zsre.yaml --resume --tracking-uri sqlite:///./mlruns.db")
     ap.add_argument("sweep", help="sweep YAML file (see sweeps/)")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the trial plan; load no weights")
-    ap.add_argument("--address", help="Ray cluster address to join (default: start a local cluster)")
-    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's, else sqlite:///./mlruns.db)")
-    ap.add_argument("--max-concurrent", type=int, help="trials running at once (default: the sweep's)")
-    ap.add_argument("--experiment", help="MLflow experiment name (default: the sweep's name)")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="run only the trials without a FINISHED run in the experiment (same config digest); "
+                         "runs left RUNNING by a dead sweep are marked KILLED first")
+    ap.add_argument("--address", default=None, help="Ray cluster address to join (default: start a local cluster)")
+    ap.add_argument("--tracking-uri", default=None,
+                    help="MLflow tracking URI (default: the sweep's, else sqlite:///./mlruns.db)")
+    ap.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: the sweep's)")
+    ap.add_argument("--experiment", default=None, help="MLflow experiment name (default: the sweep's name)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress; show tracebacks of errors")
     return ap.parse_args(argv)
 
 
-def _print_plan(points: list[dict[str, Any]], sweep: Sweep) -> None:
+def _print_plan(todo: list[dict[str, Any]], sweep: Sweep) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{sweep.name}: {len(points)} grid point(s) x {sweep.num_samples} sample(s)")
-    for c in ("#", "method", "model", "dataset", "bs", "seed", "hparams", "tuned"):
+    t = Table(title=f"{sweep.name}: {len(todo)} trial(s)")
+    for c in ("#", "method", "model", "dataset", "bs", "seed", "hparams", "digest"):
         t.add_column(c)
-    for i, p in enumerate(points):
+    for i, p in enumerate(todo):
         t.add_row(str(i), p["method_label"], p["model"]["name"], p["dataset"]["name"], str(p["edit_batch_size"]),
-                  str(p["seed"]), str(p["hparams"]), ", ".join(p["tuned"]) or "-")
-    Console().print(t)
+                  str(p["seed"]), str(p["hparams"]), p["config_digest"])
+    Console(width=200).print(t)
 
 
-def _trainable(config: dict[str, Any], points: list[dict[str, Any]], tracking_uri: str, experiment: str,
+def _trainable(config: dict[str, Any], todo: list[dict[str, Any]], tracking_uri: str, experiment: str,
                sweep_id: str) -> None:
-    """Ray Tune function trainable: one grid point (plus sampled values) -> one MLflow run."""
+    """Ray Tune function trainable: one concrete trial -> one MLflow run."""
     from ray import tune
 
     from bench.trial import run_trial
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    point = dict(points[int(config["point"])])
-    sampled = {k.split("/", 1)[1]: v for k, v in (config.get("sampled") or {}).items()
-               if k.split("/", 1)[0] == str(config["point"])}
-    point["hparams"] = {**point["hparams"], **sampled}
-    if sampled:
-        point["run_name"] += "/" + ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in sampled.items())
-    run_trial(point, tracking_uri, experiment, report=tune.report, extra_tags={"sweep_id": sweep_id})
+    run_trial(todo[int(config["trial"])], tracking_uri, experiment, report=tune.report,
+              extra_tags={"sweep_id": sweep_id})
 
 
-def _summary(tracking_uri: str, experiment: str, sweep_id: str) -> Any:
+def _summary(tracking_uri: str, experiment: str, digests: set[str]) -> Any:
+    """The newest run of each of the sweep's configurations (finished earlier or now), one row each."""
     import polars as pl
 
-    from bench.tracking import runs_frame
+    from bench.tracking import CONFIG_DIGEST_TAG, runs_frame
 
-    df = runs_frame(tracking_uri, experiment, f"tags.sweep_id = '{sweep_id}'")
-    if df.is_empty():
-        return df
+    df = runs_frame(tracking_uri, experiment)
+    col = f"t.{CONFIG_DIGEST_TAG}"
+    if df.is_empty() or col not in df.columns:
+        return pl.DataFrame()
+    df = (df.filter(pl.col(col).is_in(sorted(digests))).sort("start_time", descending=True)
+          .unique(subset=[col], keep="first", maintain_order=True))
     df = df.rename({"p.method": "method", "p.model": "model", "p.dataset": "dataset",
                     "p.edit_batch_size": "edit_batch_size"}, strict=False)
     cols = [c for c in SUMMARY_COLUMNS if c in df.columns]
     num = [c for c in cols if df.schema[c] in (pl.Float64, pl.Float32)]
     return df.select(cols).with_columns([pl.col(c).round(3) for c in num]).sort(["dataset", "model", "method"])
+
+
+def _print_summary(df: Any, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in df.columns:
+        table.add_column(c)
+    for row in df.iter_rows():
+        table.add_row(*["" if v is None else str(v) for v in row])
+    Console(width=200).print(table)
 
 
 def _finish(uri: str, experiment: str, sweep_text: str, sweep_path: str, df: Any) -> None:
@@ -100,44 +123,145 @@ def _finish(uri: str, experiment: str, sweep_text: str, sweep_path: str, df: Any
         print(f"report not written: {e}", file=sys.stderr)
 
 
+def check_devices(sweep: Sweep, source: str, cluster: dict[str, float] | None = None) -> None:
+    """GPUs and CPUs a trial asks for must exist: on this machine, or in ``cluster`` (Ray's resources) when
+    joining one. Raises :class:`SweepError` naming the key; a trial that cannot be placed would wait for ever."""
+    import math
+
+    import torch
+
+    if cluster is None:
+        gpus, cpus, where = float(torch.cuda.device_count()), float(os.cpu_count() or 1), "this machine"
+    else:
+        gpus, cpus, where = float(cluster.get("GPU", 0.0)), float(cluster.get("CPU", 0.0)), "the cluster"
+    want_gpu = sweep.resources.gpu
+    if sweep.device == "cuda" and gpus == 0:
+        raise SweepError(f"{source}: device: cuda, but {where} has no visible GPU; use device: auto (or cpu), or "
+                         "run where there is one")
+    if want_gpu > 0 and gpus < math.ceil(want_gpu):
+        raise SweepError(f"{source}: resources.gpu: {want_gpu} per trial, but {where} has {int(gpus)} GPU(s); "
+                         "use resources.gpu: 0 here (a trial would wait for ever)")
+    if sweep.resources.cpu > cpus:
+        raise SweepError(f"{source}: resources.cpu: {sweep.resources.cpu} per trial, but {where} has {int(cpus)} "
+                         f"CPU(s); use resources.cpu <= {int(cpus)}")
+
+
+@dataclass
+class _Stop:
+    """What the signal handler saw: the first signal, and whether Tune's loop is running (then Tune is asked to
+    stop gracefully through SIGUSR1, its own stop signal; otherwise the main thread is interrupted)."""
+
+    signum: int | None = None
+    tune_running: bool = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        first = self.signum is None
+        self.signum = self.signum or signum
+        if first and self.tune_running:
+            print(f"{signal.Signals(signum).name}: stopping the sweep (again to force)", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
+        raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
+    cli.setup_logging(args.verbose)
+    from bench import tracking
+
     try:
         sweep = load_sweep(args.sweep)
         points = validate(sweep, args.sweep)
-    except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        print(f"error: --max-concurrent must be >= 1, got {args.max_concurrent}", file=sys.stderr)
-        return 2
+        todo = trials(sweep, points)
+        if args.max_concurrent is not None and args.max_concurrent < 1:
+            raise SweepError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+        if args.experiment is not None and not args.experiment.strip():
+            raise SweepError("--experiment must not be blank")
+        if not args.address:
+            check_devices(sweep, args.sweep)
+        uri = tracking.check_tracking_uri(args.tracking_uri or sweep.tracking_uri or tracking.default_tracking_uri())
+    except (SweepError, tracking.TrackingError) as e:
+        return cli.report_user_error(e, args.verbose)
     if args.dry_run:
-        _print_plan(points, sweep)
+        _print_plan(todo, sweep)
         return 0
+    try:
+        tracking.ping(uri)
+    except tracking.TrackingError as e:
+        return cli.report_user_error(e, args.verbose)
 
+    stop = _Stop()
+    old = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Our handler stays in charge of SIGINT; Tune's graceful stop is reached through SIGUSR1.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        return _run(args, sweep, todo, uri, stop)
+    except KeyboardInterrupt:
+        return stop.exit_code
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _run(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, stop: _Stop) -> int:
+    from bench import tracking
+
+    experiment = args.experiment or sweep.name
+    sweep_id = uuid.uuid4().hex[:8]
+    sweep_text = Path(args.sweep).read_text(encoding="utf-8")
+    everything = list(todo)
+    # Schema and experiment are created here, in the driver, before any trial touches the store.
+    tracking.prepare_experiment(uri, experiment, f"Sweep `{args.sweep}`\n\n```yaml\n{sweep_text}\n```")
+    done = tracking.finished_digests(uri, experiment)
+    already = [t for t in todo if t["config_digest"] in done]
+    if args.resume:
+        stale = tracking.close_open_runs(uri, experiment, "KILLED",
+                                         "left RUNNING by a sweep that died; marked when --resume started")
+        todo = [t for t in todo if t["config_digest"] not in done]
+        print(f"resume: {len(already)} of {len(everything)} trial(s) already FINISHED in experiment "
+              f"{experiment!r}; running {len(todo)}" + (f"; {stale} stale RUNNING run(s) marked KILLED" if stale
+                                                       else ""), flush=True)
+    elif already:
+        print(f"note: {len(already)} of {len(everything)} trial(s) already have a FINISHED run in experiment "
+              f"{experiment!r}; running all again (--resume runs only the rest)", flush=True)
+    print(f"sweep {sweep.name}: {len(todo)} trial(s); MLflow {uri} experiment {experiment!r}; sweep_id {sweep_id}",
+          flush=True)
+
+    errors: list[str] = []
+    try:
+        if todo:
+            errors = _tune(args, sweep, todo, uri, experiment, sweep_id, stop)
+    finally:
+        reason = (f"interrupted by {signal.Signals(stop.signum).name}" if stop.signum
+                  else "the trial ended without closing its run (its process died)")
+        n = tracking.close_open_runs(uri, experiment, "KILLED", reason, sweep_id=sweep_id)
+        if n:
+            log.warning("%d run(s) of sweep %s marked KILLED: %s", n, sweep_id, reason)
+
+    df = _summary(uri, experiment, {t["config_digest"] for t in everything})
+    _print_summary(df, f"{experiment} (sweep_id {sweep_id})")
+    if stop.signum:
+        print(f"stopped by {signal.Signals(stop.signum).name}; --resume runs what did not finish", file=sys.stderr)
+        return stop.exit_code
+    _finish(uri, experiment, sweep_text, args.sweep, df)
+    print(f"MLflow: {uri}  experiment {experiment!r}; browse with: python -m bench.ui --tracking-uri {uri}")
+    for e in errors:
+        print(f"trial failed: {e}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _tune(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, experiment: str, sweep_id: str,
+          stop: _Stop) -> list[str]:
+    """Run ``todo`` as Tune trials; returns one line per failed trial. Runs of trials that a scheduler stopped
+    early end KILLED, of failed ones FAILED (with the error), here in the driver."""
     import ray
     from ray import tune
 
     from bench import tracking
-
-    uri = args.tracking_uri or sweep.tracking_uri or tracking.default_tracking_uri()
-    experiment = args.experiment or sweep.name
-    sweep_id = uuid.uuid4().hex[:8]
-    sweep_text = Path(args.sweep).read_text()
-    # Schema and experiment are created here, in the driver, before any trial touches the store.
-    tracking.prepare_experiment(uri, experiment, f"Sweep `{args.sweep}`\n\n```yaml\n{sweep_text}\n```")
-    print(f"sweep {sweep.name}: {len(points)} grid point(s) x {sweep.num_samples} sample(s); "
-          f"MLflow {uri} experiment {experiment!r}; sweep_id {sweep_id}", flush=True)
-
-    sampled: dict[str, Any] = {}
-    for i, p in enumerate(points):
-        for k, spec in p["tuned"].items():
-            sampled[f"{i}/{k}"] = TuneSpec(**spec).domain()
-    param_space: dict[str, Any] = {"point": tune.grid_search(list(range(len(points))))}
-    if sampled:
-        param_space["sampled"] = sampled
 
     if args.address:
         ray.init(address=args.address, runtime_env={
@@ -149,48 +273,61 @@ def main(argv: list[str] | None = None) -> int:
         tmp = os.environ.get("EDITBENCH_RAY_TMP", os.path.join(tempfile.gettempdir(), "ebray"))
         ray.init(_temp_dir=tmp, include_dashboard=False, logging_level=logging.WARNING,
                  runtime_env={"env_vars": {"EDITBENCH_THREADS": str(max(1, int(sweep.resources.cpu)))}})
-    scheduler = None
-    tune_kwargs: dict[str, Any] = {}
-    if sweep.scheduler is not None:
-        from ray.tune.schedulers import ASHAScheduler
+    try:
+        scheduler = None
+        if sweep.scheduler is not None:
+            from ray.tune.schedulers import ASHAScheduler
 
-        s = sweep.scheduler
-        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=s.grace_period, max_t=s.max_t,
-                                  reduction_factor=s.reduction_factor)
-        tune_kwargs = {"metric": s.metric, "mode": s.mode}
-    trainable = tune.with_parameters(_trainable, points=points, tracking_uri=uri, experiment=experiment,
-                                     sweep_id=sweep_id)
-    resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, resources),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(num_samples=sweep.num_samples, scheduler=scheduler,
-                                    max_concurrent_trials=args.max_concurrent or sweep.max_concurrent, **tune_kwargs),
-        run_config=tune.RunConfig(name=f"{experiment}-{sweep_id}",
-                                  storage_path=str((Path.cwd() / "ray_results").resolve()), verbose=1),
-    )
-    results = tuner.fit()
-    errors = list(results.errors)
-    ray.shutdown()
+            s = sweep.scheduler
+            # The metric goes to the scheduler alone: trials of editors that never report it (FT) run to the end,
+            # and Tune's strict check (every result must carry it) is off for that reason; validation made sure
+            # the metric is one that learned editors report at each validation.
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+            scheduler = ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode,
+                                      grace_period=s.grace_period, max_t=s.max_t,
+                                      reduction_factor=s.reduction_factor)
+            silent = sorted({t["method"] for t in todo if s.metric not in _validation_metrics(t["method"])})
+            if silent:
+                print(f"scheduler: {', '.join(silent)} never report {s.metric}; their trials run to the end",
+                      flush=True)
+        trainable = tune.with_parameters(_trainable, todo=todo, tracking_uri=uri, experiment=experiment,
+                                         sweep_id=sweep_id)
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}),
+            param_space={"trial": tune.grid_search(list(range(len(todo))))},
+            tune_config=tune.TuneConfig(scheduler=scheduler,
+                                        max_concurrent_trials=args.max_concurrent or sweep.max_concurrent),
+            run_config=tune.RunConfig(name=f"{experiment}-{sweep_id}",
+                                      storage_path=str((Path.cwd() / "ray_results").resolve()), verbose=1),
+        )
+        stop.tune_running = True
+        try:
+            results = tuner.fit()
+        finally:
+            stop.tune_running = False
+        errors = []
+        for r in results:
+            t = todo[int(r.config["trial"])]
+            if r.error is not None:
+                text = str(r.error).strip()
+                line = f"{t['run_name']}: {type(r.error).__name__}: {text.splitlines()[-1] if text else ''}"
+                errors.append(line)
+                tracking.close_open_runs(uri, experiment, "FAILED", line[:5000], sweep_id=sweep_id,
+                                         digest=t["config_digest"])
+            elif not stop.signum and "es" not in (r.metrics or {}):
+                why = (f"stopped early by the {sweep.scheduler.type} scheduler ({sweep.scheduler.metric}) before "
+                       "its evaluation" if sweep.scheduler else "ended before its evaluation")
+                tracking.close_open_runs(uri, experiment, "KILLED", why, sweep_id=sweep_id,
+                                         digest=t["config_digest"], also=("KILLED",))
+        return errors
+    finally:
+        ray.shutdown()
 
-    df = _summary(uri, experiment, sweep_id)
-    from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title=f"{experiment} (sweep_id {sweep_id})")
-    for c in df.columns:
-        table.add_column(c)
-    for row in df.iter_rows():
-        table.add_row(*["" if v is None else str(v) for v in row])
-    Console(width=200).print(table)
-    _finish(uri, experiment, sweep_text, args.sweep, df)
-    print(f"MLflow: {uri}  experiment {experiment!r}; browse with: python -m bench.ui --tracking-uri {uri}")
-    if errors:
-        for e in errors:
-            print(f"trial failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}",
-                  file=sys.stderr)
-        return 1
-    return 0
+def _validation_metrics(method: str) -> dict[str, str]:
+    from methods import REGISTRY
+
+    return REGISTRY[method].validation_metrics
 
 
 if __name__ == "__main__":

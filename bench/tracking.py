@@ -22,6 +22,82 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 NOTE_TAG = "mlflow.note.content"
+#: Tags of the suite's runs (one place for their names).
+SWEEP_ID_TAG = "sweep_id"
+CONFIG_DIGEST_TAG = "editbench.config_digest"
+END_REASON_TAG = "editbench.end_reason"
+KIND_TAG = "editbench.kind"
+
+#: URI schemes MLflow 3 serves a tracking store from (``postgresql+psycopg2`` etc. count as their base).
+KNOWN_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+class TrackingError(ValueError):
+    """A tracking URI that cannot be used; ``str(err)`` is one line naming it and what would be valid."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the working directory when not absolute)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_tracking_uri(uri: str, must_exist: bool = False, writable: bool = True) -> str:
+    """Check a tracking URI before anything touches it and return it normalised (sqlite paths made absolute,
+    so Ray workers in other folders open the same file).
+
+    The scheme must be one MLflow serves (``sqlite:///PATH.db``, ``http(s)://``, a database URL); MLflow 3 refuses
+    plain paths and ``file:`` stores. For sqlite: with ``must_exist`` the file must be there (read-only commands
+    never create a store); with ``writable`` its folder must accept new files. Raises :class:`TrackingError`.
+    """
+    from bench.cli import UserError, check_writable_dir
+
+    shown = uri if len(uri) <= 200 else uri[:200] + "..."
+    if "://" not in uri or uri.startswith("file:"):
+        raise TrackingError(f"tracking URI {shown!r}: not a store MLflow 3 uses; give sqlite:///PATH.db or an "
+                            "MLflow server http://HOST:PORT")
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in KNOWN_SCHEMES:
+        raise TrackingError(f"tracking URI {shown!r}: unknown scheme {scheme!r}; valid: sqlite:///PATH.db, "
+                            "http(s)://HOST:PORT, postgresql://, mysql://, mssql://, databricks")
+    if scheme != "sqlite":
+        return uri
+    db = sqlite_path(uri)
+    if db is None or not str(db):
+        raise TrackingError(f"tracking URI {shown!r}: a sqlite store is sqlite:///PATH.db (three slashes, then "
+                            "the file)")
+    db = db.expanduser().resolve()
+    if db.is_dir():
+        raise TrackingError(f"tracking URI {shown!r}: {db} is a directory; name a .db file")
+    if must_exist and not db.exists():
+        raise TrackingError(f"no MLflow store at {db}; run a sweep first (python -m bench.run sweeps/zsre.yaml) "
+                            "or pass --tracking-uri")
+    if writable:
+        if not db.parent.exists():
+            raise TrackingError(f"tracking URI {shown!r}: folder {db.parent} does not exist")
+        try:
+            check_writable_dir(db.parent, "tracking store folder")
+        except UserError as e:
+            raise TrackingError(str(e)) from None
+        if db.exists() and not os.access(db, os.W_OK):
+            raise TrackingError(f"tracking store {db}: not writable")
+    return f"sqlite:///{db}"
+
+
+def ping(uri: str, timeout: float = 10.0) -> None:
+    """For an MLflow server URI, make sure it answers (``/health``); raises :class:`TrackingError` otherwise."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+            raise TrackingError(f"MLflow server {uri} answered /health with HTTP {r.status}")
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingError(f"MLflow server {uri} does not answer ({getattr(e, 'reason', e)}); start it or fix "
+                            "--tracking-uri") from None
 
 
 def default_tracking_uri() -> str:
@@ -155,11 +231,40 @@ def trial_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str])
     tr = TrialRun(uri, run)
     try:
         yield tr
+    except (KeyboardInterrupt, SystemExit) as e:
+        tr.set_tags({END_REASON_TAG: f"interrupted ({type(e).__name__})"})
+        c.set_terminated(tr.run_id, "KILLED")
+        raise
     except BaseException as e:
         tr.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
         c.set_terminated(tr.run_id, "FAILED")
         raise
     c.set_terminated(tr.run_id, "FINISHED")
+
+
+def close_open_runs(uri: str, experiment: str, status: str, reason: str, sweep_id: str | None = None,
+                    digest: str | None = None, also: tuple[str, ...] = ()) -> int:
+    """End every RUNNING run of ``experiment`` (only those tagged ``sweep_id`` and/or config ``digest`` when
+    given) with ``status`` (KILLED or FAILED) and ``reason`` as a tag; runs in a status of ``also`` get the same
+    status and reason (a driver that knows better than the trial, say a scheduler's stop). Returns the count."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    open_states = ("RUNNING", *also)
+    flt = " and ".join([*([f"tags.{SWEEP_ID_TAG} = '{sweep_id}'"] if sweep_id else []),
+                        *([f"tags.`{CONFIG_DIGEST_TAG}` = '{digest}'"] if digest else [])])
+    if not also:
+        flt = " and ".join(["attributes.status = 'RUNNING'", *([flt] if flt else [])])
+    n = 0
+    for r in c.search_runs([exp.experiment_id], filter_string=flt, max_results=5000):
+        if r.info.status not in open_states:
+            continue
+        c.set_tag(r.info.run_id, END_REASON_TAG, reason)
+        if r.info.status == "RUNNING" or r.info.status != status:
+            c.set_terminated(r.info.run_id, status)
+        n += 1
+    return n
 
 
 def runs_frame(uri: str, experiment: str, filter_string: str = "") -> Any:
@@ -186,3 +291,20 @@ def runs_frame(uri: str, experiment: str, filter_string: str = "") -> Any:
         if not token:
             break
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
+
+
+def finished_digests(uri: str, experiment: str) -> set[str]:
+    """Config digests that have a FINISHED run in ``experiment`` (empty when it does not exist yet)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return set()
+    out: set[str] = set()
+    token = None
+    while True:
+        page = c.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=1000,
+                             page_token=token)
+        out.update(r.data.tags[CONFIG_DIGEST_TAG] for r in page if CONFIG_DIGEST_TAG in r.data.tags)
+        token = page.token
+        if not token:
+            return out

@@ -105,6 +105,8 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
         "modifies_base_model": str(editor_cls.modifies_base_model),
         **{f"style.{k}": v for k, v in STYLES.items()},
     }
+    if cfg.get("config_digest"):
+        tags[tracking.CONFIG_DIGEST_TAG] = str(cfg["config_digest"])
     with tracking.trial_run(tracking_uri, experiment, cfg["run_name"], tags) as run:
         run.log_params(params)
         public = None
@@ -121,7 +123,8 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
             prep = prepare_base(model_spec["name"], task, seed, ds.get("prepare"), device)
             if prep.trained:
                 with tracking.trial_run(tracking_uri, experiment, f"prepare/{model_spec['name']}/{ds['name']}",
-                                        {"editbench.kind": "prepare", **tracking.environment_tags(device)}) as prun:
+                                        {tracking.KIND_TAG: "prepare", **tracking.environment_tags(device),
+                                         **(extra_tags or {})}) as prun:
                     prun.log_params({k: v for k, v in prep.info.items() if k != "val_accuracy"} | {"key": prep.key})
                     prun.log_metrics({"val_accuracy": prep.info["val_accuracy"],
                                       "train_seconds": prep.info["train_seconds"]})
@@ -141,6 +144,7 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
         loc_source = ds.get("locality") or task.card.default_locality
         loc_counts = _apply_locality(model, task, loc_source, cfg.get("data_root"), seed)
         run.log_params({f"data.{s}_file": f for s, f in task.files.items()})
+        run.log_params({f"data.sha256.{k}": v for k, v in (cfg.get("data_files") or {}).items()})
         run.log_params({f"data.n_{s}": len(v) for s, v in task.splits.items()})
 
         editor = editor_cls(model, cfg["hparams"])
@@ -176,11 +180,12 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
         if editor.modules():
             with tempfile.TemporaryDirectory() as tmp:
                 run.log_artifact(editor.save(Path(tmp) / "editor"), "editor")
-        if report is not None:
-            report({k: float(v) for k, v in metrics.items()})
         log.info("%s: es=%.3f edit_acc=%.3f drawdown=%.3f loc_agree=%.3f (%.0fs)", cfg["run_name"],
                  metrics.get("es", float("nan")), metrics.get("edit_acc", float("nan")),
                  metrics.get("drawdown", float("nan")), metrics.get("loc_agree", float("nan")),
                  metrics["trial_time_s"])
-        return metrics
+    # Reported after the run is FINISHED: a scheduler may stop the trial at this report.
+    if report is not None:
+        report({k: float(v) for k, v in metrics.items()})
+    return metrics
 

@@ -87,6 +87,8 @@ class Editor:
     requires_training: ClassVar[bool] = False
     uses_training_data_at_edit_time: ClassVar[bool] = False
     modifies_base_model: ClassVar[bool] = False
+    #: Metrics reported during ``fit`` (name -> "max"/"min"); empty for editors that do not train.
+    validation_metrics: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None) -> None:
         self.model = model
@@ -205,6 +207,15 @@ class LearnedEditor(Editor):
 
     requires_training = True
     hparams: LearnedHparams
+    #: What every validation reports (``log_fn`` and so a Tune scheduler see them), with the better direction.
+    validation_metrics: ClassVar[dict[str, str]] = {
+        "val_es": "max", "val_edit_acc": "max", "val_loss": "min", "val_L_e": "min", "val_L_loc": "min",
+    }
+
+    @staticmethod
+    def reports_per_fit(budget: Budget) -> int:
+        """How many validations a fit under ``budget`` makes at most: step 0, every ``val_every`` steps, the last."""
+        return 1 + -(-budget.max_steps // budget.val_every)
 
     def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None) -> None:
         super().__init__(model, hparams)

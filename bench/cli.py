@@ -1,0 +1,82 @@
+"""What every command line of the suite shares: argument parsing whose errors are one line, ``--help`` that lists
+each option with its default, the exit codes and an example, and the rule that a user error is one line on stderr
+with exit code 2 (``-v`` adds the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import NoReturn
+
+#: Exit code of a user error (bad input, unusable file or store); the same as argparse's.
+USAGE = 2
+
+
+class UserError(ValueError):
+    """A problem with what the user asked for; ``str(err)`` is one line naming the culprit and what would work."""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; description and epilog kept as written."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a single line on stderr (exit 2), pointing at ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(USAGE)
+
+
+def parser(prog: str, doc: str, exit_codes: dict[int, str], example: str) -> Parser:
+    """A :class:`Parser` for ``prog`` with ``doc`` as description and an epilog of exit codes and an example."""
+    codes = "\n".join(f"  {code}  {what}" for code, what in sorted(exit_codes.items()))
+    epilog = f"exit codes:\n{codes}\n\nexample:\n  {example}"
+    return Parser(prog=prog, description=doc, epilog=epilog, formatter_class=_Formatter)
+
+
+def fail(message: str) -> int:
+    """Print ``error: message`` as one line on stderr and return the user-error exit code."""
+    sys.stderr.write(f"error: {' '.join(str(message).splitlines())}\n")
+    return USAGE
+
+
+def report_user_error(err: BaseException, verbose: bool = False) -> int:
+    """One line for ``err`` (with the traceback too when ``verbose``); returns exit code 2."""
+    if verbose:
+        traceback.print_exception(err)
+    return fail(str(err))
+
+
+def check_writable_dir(path: Path, what: str) -> Path:
+    """Make sure files can be created in folder ``path`` (created if missing) by creating and removing one;
+    raises :class:`UserError` naming ``what`` otherwise. Works for root too (a read-only file system refuses)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".editbench-write-test"):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {path}: not writable ({e.strerror or e})") from None
+    return path
+
+
+def check_writable_file(path: Path, what: str) -> Path:
+    """Make sure ``path`` can be written (its folder writable, the file itself not a folder or read-only)."""
+    if path.is_dir():
+        raise UserError(f"{what} {path}: is a directory; give a file name")
+    check_writable_dir(path.parent if str(path.parent) else Path("."), what)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{what} {path}: not writable")
+    return path
+
+
+def setup_logging(verbose: bool) -> None:
+    """INFO with ``-v``, else WARNING, on stderr."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
