@@ -12,7 +12,30 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+#: Longest echo of a user's value in an error message (a YAML alias bomb must not print megabytes).
+ECHO_LIMIT = 200
+
+
+def cut(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` on one line, cut to ``limit`` characters with a note of how much was cut."""
+    text = " ".join(str(text).splitlines())
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def clip(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters (see :func:`cut`). Containers are
+    abbreviated while being written (``reprlib``), so a YAML alias bomb costs nothing to show."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 8, 8, 8, 8
+    r.maxstring = r.maxother = r.maxlong = limit
+    return cut(r.repr(value), limit)
+
 
 #: Exit code of a user error (bad input, unusable file or store); the same as argparse's.
 USAGE = 2
@@ -22,8 +45,16 @@ class UserError(ValueError):
     """A problem with what the user asked for; ``str(err)`` is one line naming the culprit and what would work."""
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each option; description and epilog kept as written."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help (unless the help already says it, or it is a plain flag);
+    description and epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        quiet = action.default in (None, False, argparse.SUPPRESS) or action.required
+        if quiet or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,7 +101,10 @@ def check_writable_file(path: Path, what: str) -> Path:
     """Make sure ``path`` can be written (its folder writable, the file itself not a folder or read-only)."""
     if path.is_dir():
         raise UserError(f"{what} {path}: is a directory; give a file name")
-    check_writable_dir(path.parent if str(path.parent) else Path("."), what)
+    try:
+        check_writable_dir(path.parent if str(path.parent) else Path("."), what)
+    except UserError as e:
+        raise UserError(f"{what} {path}: not writable ({str(e).rsplit('(', 1)[-1]}") from None
     if path.exists() and not os.access(path, os.W_OK):
         raise UserError(f"{what} {path}: not writable")
     return path

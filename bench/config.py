@@ -19,33 +19,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from bench.cli import ECHO_LIMIT, clip, cut
 from bench.data import DataError, file_sha256, load_card, load_task, resolve_file, split_overlaps
 from bench.models import ModelSpecError, resolve_model_source
 from methods import REGISTRY
 
-#: Longest echo of a user's value in an error message (a YAML alias bomb must not print megabytes).
-ECHO_LIMIT = 200
-
 
 class SweepError(ValueError):
     """A sweep that cannot run; ``str(err)`` is one line naming the key or file and what would be valid."""
-
-
-def cut(text: str, limit: int = ECHO_LIMIT) -> str:
-    """``text`` on one line, cut to ``limit`` characters with a note of how much was cut."""
-    text = " ".join(str(text).splitlines())
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters)"
-
-
-def clip(value: Any, limit: int = ECHO_LIMIT) -> str:
-    """``repr(value)`` for an error message, cut to ``limit`` characters (see :func:`cut`)."""
-    try:
-        text = repr(value)
-    except RecursionError:
-        text = f"<{type(value).__name__} nested too deeply to show>"
-    return cut(text, limit)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

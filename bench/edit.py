@@ -13,7 +13,6 @@ on the already-edited model and composed with the previous ones.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -88,7 +87,9 @@ def load_editor_from_run(uri: str, run_id: str) -> tuple[Any, Any]:
     try:
         run = c.get_run(run_id)
     except MlflowException:
-        raise EditCliError(f"unknown run id {run_id!r} in {uri}") from None
+        from bench.cli import clip
+
+        raise EditCliError(f"unknown run id {clip(run_id)} in {uri}") from None
     p = run.data.params
     if "method_class" not in p:
         raise EditCliError(f"run {run_id} is not a trial run (no method param)")
@@ -102,7 +103,12 @@ def load_editor_from_run(uri: str, run_id: str) -> tuple[Any, Any]:
         raise EditCliError(f"run {run_id}: {p['method_class']} needs training data at edit time; use ft or a "
                            "learned editor's run")
     # Tasks with a prepared base model (FEVER) edit that model, not the raw alias.
-    model = load_model(p.get("base_model.path", p["model"]), edit_params)
+    from bench.models import ModelSpecError
+
+    try:
+        model = load_model(p.get("base_model.path", p["model"]), edit_params)
+    except (ModelSpecError, OSError) as e:
+        raise EditCliError(f"run {run_id}: its model cannot be loaded here ({e})") from None
     model.name = p["model"]
     editor = cls(model, hparams)  # pydantic turns the logged strings back into typed values
     if has_ckpt:
@@ -113,32 +119,52 @@ def load_editor_from_run(uri: str, run_id: str) -> tuple[Any, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench import cli
     from bench.data import collate
-    from bench.tracking import default_tracking_uri
+    from bench.tracking import TrackingError, check_tracking_uri, default_tracking_uri
     from methods.base import Edit
 
-    ap = argparse.ArgumentParser(prog="python -m bench.edit", description=__doc__.splitlines()[0])
+    ap = cli.parser("python -m bench.edit", __doc__,
+                    {0: "edits shown", 2: "unknown run, no store, a run without a usable editor, or a bad option "
+                                          "(one line)"},
+                    'python -m bench.edit --run 0123abcd --prompt "Who is the UK PM?" --target "Boris Johnson"')
     ap.add_argument("--run", required=True, help="MLflow run id of a trial (see the MLflow UI)")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--target", required=True, help="new answer (a label id for classifiers)")
-    ap.add_argument("--probe", action="append", default=[], help="another input to show before/after")
-    ap.add_argument("--then", action="append", default=[], metavar="PROMPT=TARGET", help="a further edit, in order")
-    ap.add_argument("--tracking-uri", default=None)
-    ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument("--prompt", required=True, help="the edit input x_e")
+    ap.add_argument("--target", required=True, help="new answer y_e (a label id for classifiers)")
+    ap.add_argument("--probe", action="append", default=[], help="another input to show before/after (repeatable)")
+    ap.add_argument("--then", action="append", default=[], metavar="PROMPT=TARGET",
+                    help="a further edit, in order (repeatable)")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow store; default: sqlite:///./mlruns.db")
+    ap.add_argument("--max-new-tokens", type=int, default=20, help="greedy tokens generated per output")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     args = ap.parse_args(argv)
     chain = [(args.prompt, args.target)]
     for item in args.then:
         if "=" not in item:
-            print(f"error: --then {item!r} must be PROMPT=TARGET", file=sys.stderr)
-            return 2
+            return cli.fail(f"--then {cli.clip(item)} must be PROMPT=TARGET")
         p, t = item.rsplit("=", 1)
         chain.append((p.strip(), t.strip()))
-    uri = args.tracking_uri or default_tracking_uri()
+    for i, (p, t) in enumerate(chain):
+        flag = "--prompt/--target" if i == 0 else f"--then #{i}"
+        if not p.strip():
+            return cli.fail(f"{flag}: the prompt is empty; give the text to edit")
+        if not t.strip():
+            return cli.fail(f"{flag}: the target is empty; give the new answer")
+    if any(not p.strip() for p in args.probe):
+        return cli.fail("--probe: an empty probe; give the text to show")
+    if args.max_new_tokens < 1:
+        return cli.fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     try:
+        uri = check_tracking_uri(args.tracking_uri or default_tracking_uri(), must_exist=True, writable=False)
         model, editor = load_editor_from_run(uri, args.run)
-    except EditCliError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if model.kind == "classifier":
+            n = max(2, int(getattr(model.model.config, "num_labels", 2)))
+            bad = [t for _, t in chain if not t.strip().isdigit() or int(t) >= n]
+            if bad:
+                raise EditCliError(f"--target {cli.clip(bad[0])}: this run's model is a classifier; give a label "
+                                   f"id 0..{n - 1}")
+    except (EditCliError, TrackingError) as e:
+        return cli.report_user_error(e, args.verbose)
     shown = [args.prompt, *args.probe, *[p for p, _ in chain[1:]]]
     print("before the edit:")
     for text in shown:

@@ -211,27 +211,63 @@ def _print(res: dict[str, Any]) -> None:
     Console(width=120).print(t)
 
 
+def check_device(device: str) -> str | None:
+    """None when torch can run on ``device`` here, else why not (one line)."""
+    import re
+
+    if device == "cpu":
+        return None
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if m is None:
+        return f"--device {device!r}: unknown; valid: cpu, cuda, cuda:N"
+    if not torch.cuda.is_available():
+        return f"--device {device}: no CUDA device is visible here; use --device cpu"
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--ft-steps", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", type=Path)
+    from bench import cli
+    from bench.models import ModelSpecError, resolve_model_source
+
+    ap = cli.parser("python -m bench.perf", __doc__,
+                    {0: "measured (targets missed are marked MISSED, not an error)",
+                     2: "unknown model or device, a bad count, or an unwritable --out (one line, before measuring)"},
+                    "python -m bench.perf --model smollm2-135m --batch-size 1 --repeats 5 --out perf.json")
+    ap.add_argument("--model", default="smollm2-135m", help="alias, local folder or Hugging Face id")
+    ap.add_argument("--batch-size", type=int, default=1, help="edits per request")
+    ap.add_argument("--repeats", type=int, default=7, help="timed repetitions (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    ap.add_argument("--ft-steps", type=int, default=5, help="FT optimiser steps per edit")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--out", type=Path, default=None, help="JSON file for the results (default: print only)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     for name in ("batch_size", "repeats", "ft_steps"):
         if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
-            return 2
+            return cli.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        return cli.fail(f"--warmup must be >= 0, got {args.warmup}")
+    bad_device = check_device(args.device)
+    if bad_device:
+        return cli.fail(bad_device)
+    try:
+        resolve_model_source(args.model)
+        if args.out is not None:  # checked before minutes of measuring, not after
+            cli.check_writable_file(args.out, "--out")
+    except (ModelSpecError, cli.UserError) as e:
+        return cli.report_user_error(e, args.verbose)
     if args.memory_child:
         method, what = args.memory_child.split(":")
         print(memory_child(args.model, method, what, args.batch_size, args.device))
         return 0
-    res = run(args.model, args.batch_size, args.repeats, args.warmup, args.ft_steps, args.device)
+    try:
+        res = run(args.model, args.batch_size, args.repeats, args.warmup, args.ft_steps, args.device)
+    except (ModelSpecError, OSError) as e:  # a Hub id that cannot be fetched offline, say
+        return cli.report_user_error(e, args.verbose)
     _print(res)
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))

@@ -17,7 +17,6 @@ The report is also logged to MLflow as a run of its own (tag ``editbench.kind = 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import logging
@@ -449,27 +448,35 @@ def log_report(uri: str, experiment: str, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.tracking import default_tracking_uri
+    from bench import cli
+    from bench.tracking import TrackingError, check_tracking_uri, default_tracking_uri
 
-    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
-    ap.add_argument("--experiment", required=True)
-    ap.add_argument("--tracking-uri", default=None, help="default: sqlite:///./mlruns.db")
-    ap.add_argument("--out", type=Path, default=None, help="default: reports/<experiment>")
-    ap.add_argument("--format", default="md,csv,tex,html")
+    ap = cli.parser("python -m bench.report", __doc__,
+                    {0: "report written", 2: "unknown experiment, no finished runs, no store, bad option or an "
+                                              "unwritable --out (one line)"},
+                    "python -m bench.report --experiment zsre --format md,html")
+    ap.add_argument("--experiment", required=True, help="MLflow experiment (a sweep's name)")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow store; default: sqlite:///./mlruns.db")
+    ap.add_argument("--out", type=Path, default=None, help="output folder; default: reports/<experiment>")
+    ap.add_argument("--format", default="md,csv,tex,html", help="comma-separated subset of md, csv, tex, html")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log the report as an MLflow run")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     args = ap.parse_args(argv)
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     bad = [f for f in formats if f not in ("md", "csv", "tex", "html")]
-    if bad:
-        print(f"error: --format {','.join(bad)} unknown; valid: md, csv, tex, html", file=sys.stderr)
-        return 2
-    uri = args.tracking_uri or default_tracking_uri()
+    if bad or not formats:
+        return cli.fail(f"--format {cli.cut(','.join(bad) or args.format)} unknown; valid: md, csv, tex, html")
+    if not args.experiment.strip():
+        return cli.fail("--experiment must not be blank")
     out = args.out or Path("reports") / args.experiment
     try:
-        rep = build(uri, args.experiment, out, formats)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        # Reading never creates a store; logging the report needs it writable.
+        uri = check_tracking_uri(args.tracking_uri or default_tracking_uri(), must_exist=True,
+                                 writable=not args.no_mlflow)
+        cli.check_writable_dir(out, "--out")
+        build(uri, args.experiment, out, formats)
+    except (ReportError, TrackingError, cli.UserError) as e:
+        return cli.report_user_error(e, args.verbose)
     if not args.no_mlflow:
         log_report(uri, args.experiment, out)
     print((out / "report.md").read_text() if "md" in formats else "")

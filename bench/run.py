@@ -148,19 +148,16 @@ def check_devices(sweep: Sweep, source: str, cluster: dict[str, float] | None = 
 
 @dataclass
 class _Stop:
-    """What the signal handler saw: the first signal, and whether Tune's loop is running (then Tune is asked to
-    stop gracefully through SIGUSR1, its own stop signal; otherwise the main thread is interrupted)."""
+    """The first SIGINT/SIGTERM seen. Either interrupts the main thread wherever it is: the driver then shuts Ray
+    down at once (running trials end with their workers; Tune's own graceful stop waits ~10 s for them) and marks
+    their runs KILLED. The tracking store, not Tune's state, is what ``--resume`` reads."""
 
     signum: int | None = None
-    tune_running: bool = False
 
     def handler(self, signum: int, frame: Any) -> None:
-        first = self.signum is None
-        self.signum = self.signum or signum
-        if first and self.tune_running:
-            print(f"{signal.Signals(signum).name}: stopping the sweep (again to force)", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGUSR1)
-            return
+        if self.signum is None:
+            self.signum = signum
+            print(f"{signal.Signals(signum).name}: stopping the sweep", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
 
     @property
@@ -196,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = _Stop()
     old = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    # Our handler stays in charge of SIGINT; Tune's graceful stop is reached through SIGUSR1.
+    # Our handler stays in charge of SIGINT (Tune would otherwise install its own during fit()).
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         return _run(args, sweep, todo, uri, stop)
@@ -235,6 +232,9 @@ def _run(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, stop: _S
     try:
         if todo:
             errors = _tune(args, sweep, todo, uri, experiment, sweep_id, stop)
+    except KeyboardInterrupt:
+        if stop.signum is None:  # an interrupt that came another way (a debugger, say)
+            stop.signum = signal.SIGINT
     finally:
         reason = (f"interrupted by {signal.Signals(stop.signum).name}" if stop.signum
                   else "the trial ended without closing its run (its process died)")
@@ -273,6 +273,9 @@ def _tune(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, experim
         tmp = os.environ.get("EDITBENCH_RAY_TMP", os.path.join(tempfile.gettempdir(), "ebray"))
         ray.init(_temp_dir=tmp, include_dashboard=False, logging_level=logging.WARNING,
                  runtime_env={"env_vars": {"EDITBENCH_THREADS": str(max(1, int(sweep.resources.cpu)))}})
+    # ray.init installs a SIGTERM handler of its own (it logs a stack and exits 1): ours again, for a clean stop.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop.handler)
     try:
         scheduler = None
         if sweep.scheduler is not None:
@@ -300,11 +303,7 @@ def _tune(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, experim
             run_config=tune.RunConfig(name=f"{experiment}-{sweep_id}",
                                       storage_path=str((Path.cwd() / "ray_results").resolve()), verbose=1),
         )
-        stop.tune_running = True
-        try:
-            results = tuner.fit()
-        finally:
-            stop.tune_running = False
+        results = tuner.fit()
         errors = []
         for r in results:
             t = todo[int(r.config["trial"])]

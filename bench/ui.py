@@ -10,7 +10,6 @@ unless ``--host`` says otherwise, prints the URL, and stops the server cleanly o
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -31,10 +30,12 @@ def server_command(uri: str, host: str, port: int) -> list[str]:
     return cmd
 
 
-def wait_until_up(url: str, timeout: float = 90.0) -> bool:
-    """Poll ``url`` until it answers 200 or ``timeout`` seconds pass."""
+def wait_until_up(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> bool:
+    """Poll ``url`` until it answers 200 (True), ``timeout`` seconds pass or ``proc`` exits (False)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -44,19 +45,46 @@ def wait_until_up(url: str, timeout: float = 90.0) -> bool:
     return False
 
 
-def main(argv: list[str] | None = None) -> int:
-    from bench.tracking import default_tracking_uri
+def port_free(host: str, port: int) -> str | None:
+    """None when ``host:port`` can be bound now, else the reason (in use, unknown host, not allowed)."""
+    import socket
 
-    ap = argparse.ArgumentParser(prog="python -m bench.ui", description=__doc__.splitlines()[0])
-    ap.add_argument("--tracking-uri", default=None, help="default: sqlite:///./mlruns.db (what bench.run uses)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=5000)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"unknown host ({e.strerror})"
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench import cli
+    from bench.tracking import TrackingError, check_tracking_uri, default_tracking_uri
+
+    ap = cli.parser("python -m bench.ui", __doc__,
+                    {0: "stopped with Ctrl-C or SIGTERM", 1: "the MLflow server exited or did not come up",
+                     2: "no store, a bad --port/--host, or the port is taken (one line)"},
+                    "python -m bench.ui --tracking-uri sqlite:///./mlruns.db --port 5000")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow store; default: sqlite:///./mlruns.db (bench.run's)")
+    ap.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback unless you widen it)")
+    ap.add_argument("--port", type=int, default=5000, help="TCP port, 1-65535")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     args = ap.parse_args(argv)
-    uri = args.tracking_uri or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        print(f"error: no MLflow store at {uri}; run a sweep first (python -m bench.run sweeps/zsre.yaml) "
-              "or pass --tracking-uri", file=sys.stderr)
-        return 2
+    if not 1 <= args.port <= 65535:
+        return cli.fail(f"--port {args.port}: not a TCP port; use 1-65535")
+    try:
+        uri = check_tracking_uri(args.tracking_uri or default_tracking_uri(), must_exist=True, writable=False)
+    except TrackingError as e:
+        return cli.report_user_error(e, args.verbose)
+    busy = port_free(args.host, args.port)
+    if busy:
+        return cli.fail(f"--host {cli.cut(args.host)} --port {args.port}: cannot listen there ({busy}); pick "
+                        "another --port")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(server_command(uri, args.host, args.port), env=env, start_new_session=True)
     url = f"http://{args.host}:{args.port}/"
@@ -66,11 +94,18 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        if wait_until_up(url):
+        if wait_until_up(url, proc=proc):
             print(f"MLflow UI for {uri}: {url}  (Ctrl-C to stop)", flush=True)
         else:
-            print(f"MLflow server did not answer at {url}", file=sys.stderr)
-        return proc.wait()
+            code = proc.poll()
+            why = f"exited with code {code}" if code is not None else "did not answer within 90 s"
+            print(f"error: the MLflow server at {url} {why}", file=sys.stderr)
+            return 1
+        code = proc.wait()
+        if code != 0:
+            print(f"error: the MLflow server exited with code {code}", file=sys.stderr)
+            return 1
+        return 0
     except KeyboardInterrupt:
         print("stopping the MLflow UI", flush=True)
         return 0

@@ -1,0 +1,295 @@
+"""Every user error of the five commands is one line on stderr naming the culprit, exit code 2, no traceback, no
+MLflow run left RUNNING and no store created where there was none. One parametrised case per bad input."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO
+
+DATA = Path(os.environ.get("EDITBENCH_DATA", REPO.parent / "shared" / "data"))
+BASE = {
+    "name": "bad",
+    "n_edits": 2,
+    "models": ["tiny-gpt2"],
+    "datasets": [{"name": "zsre", "n_train": 8, "n_val": 4}],
+    "methods": [{"name": "ft", "hparams": {"lr": 1.0e-2, "max_steps": 2}}],
+}
+NO_GPU = not torch.cuda.is_available()
+
+
+def sweep(**kw: object) -> dict:
+    d = json.loads(json.dumps(BASE))
+    d.update(kw)
+    return d
+
+
+def method(name: str = "ft", **hp: object) -> list[dict]:
+    return [{"name": name, "hparams": hp}]
+
+
+def write(tmp: Path, doc: object = None, raw: str | bytes | None = None, name: str = "sweep.yaml") -> str:
+    p = tmp / name
+    if isinstance(raw, bytes):
+        p.write_bytes(raw)
+    else:
+        p.write_text(raw if raw is not None else yaml.safe_dump(doc))
+    return str(p)
+
+
+def zsre_rows(n: int) -> list[dict]:
+    return json.loads((DATA / "zsre" / "zsre_mend_800.json").read_text())[:n]
+
+
+@dataclass
+class Case:
+    command: str                       # bench.<command>
+    argv: Callable[[Path, str], list[str]]  # (tmp dir, existing store uri) -> arguments
+    pattern: str                       # what the one line must say (regex)
+    code: int = 2
+    skip: bool = False
+
+
+def run_case(doc: object = None, raw: str | bytes | None = None, extra: tuple[str, ...] = ()) -> Callable:
+    return lambda tmp, store: [write(tmp, doc, raw), *extra]
+
+
+# 532 bytes of YAML that expand to 9^6 strings: the value must be echoed clipped, not as megabytes.
+BOMB = "description: [&a [x, x, x, x, x, x, x, x, x], " + ", ".join(
+    f"&{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcde", "bcdef")) + "]\n"
+
+CASES: dict[str, Case] = {
+    # ---------------------------------------------------------------- bench.run: the sweep file itself
+    "run: sweep is a directory": Case("run", lambda t, s: [str(t)], r"is a directory; give a sweep YAML file"),
+    "run: sweep missing": Case("run", lambda t, s: [str(t / "none.yaml")], r"sweep file not found: .*none.yaml"),
+    "run: sweep not UTF-8": Case("run", run_case(raw=b"name: caf\xe9\n"), r"sweep.yaml: not UTF-8 text \(byte 9"),
+    "run: YAML nested 5000 deep": Case("run", run_case(raw="name: " + "[" * 5000 + "]" * 5000 + "\n"),
+                                       r"sweep.yaml: .*nested too deeply"),
+    "run: invalid YAML": Case("run", run_case(raw="name: [unclosed\n"), r"sweep.yaml: line \d+ invalid YAML"),
+    "run: duplicate key": Case("run", run_case(raw=yaml.safe_dump(BASE) + "n_edits: 3\n"),
+                               r"line \d+ invalid YAML: duplicate key 'n_edits'"),
+    "run: top level not a mapping": Case("run", run_case(raw="- a\n- b\n"), r"expected a mapping at the top level"),
+    "run: empty name": Case("run", run_case(sweep(name="")), r"name: String should have at least 1 character"),
+    "run: blank name": Case("run", run_case(sweep(name="   ")), r"name: must not be blank"),
+    "run: n_edits yes": Case("run", run_case(raw=yaml.safe_dump(sweep()).replace("n_edits: 2", "n_edits: yes")),
+                             r"n_edits: Input should be a valid integer \(got True\)"),
+    "run: n_edits a string": Case("run", run_case(sweep(n_edits="3")), r"n_edits: Input should be a valid integer"),
+    "run: n_edits zero": Case("run", run_case(sweep(n_edits=0)), r"n_edits: Input should be greater than 0"),
+    "run: n_edits over the test split": Case("run", run_case(sweep(n_edits=5000)),
+                                             r"n_edits \(5000\) is more than the test split holds \(\d+ records"),
+    "run: batch larger than n_edits": Case("run", run_case(sweep(edit_batch_size=[1, 5])),
+                                           r"edit_batch_size 5 is larger than n_edits \(2\)"),
+    "run: unknown top-level key": Case("run", run_case(sweep(colour="red")),
+                                       r"colour: unknown key; valid: name, description, .*methods"),
+    "run: unknown nested key": Case("run", run_case(sweep(resources={"gpus": 1})),
+                                    r"resources.gpus: unknown key; valid: cpu, gpu"),
+    "run: unknown method": Case("run", run_case(sweep(methods=[{"name": "rome2"}])),
+                                r"methods.0.name: unknown method 'rome2'; valid: .*ft"),
+    "run: unknown model": Case("run", run_case(sweep(models=["not a model"])),
+                               r"models.0.name: unknown model 'not a model'"),
+    "run: unknown dataset": Case("run", run_case(sweep(datasets=["squad"])), r"unknown dataset 'squad'; valid: "),
+    "run: unknown locality": Case("run", run_case(sweep(datasets=[{"name": "zsre", "locality": "mars"}])),
+                                  r"locality 'mars' unknown for zsre; valid: record"),
+    "run: unknown hparam": Case("run", run_case(sweep(methods=method(lrate=1))),
+                                r"methods.0.hparams.lrate: unknown key for ft; valid: .*lr"),
+    "run: hparam of the wrong type": Case("run", run_case(sweep(methods=method(lr="fast"))),
+                                          r"methods.0.hparams.lr: Input should be a valid number.*'fast'"),
+    "run: hparam bool as int": Case("run", run_case(sweep(methods=method(max_steps=True))),
+                                    r"methods.0.hparams.max_steps: Input should be a valid integer"),
+    "run: empty grid axis": Case("run", run_case(sweep(methods=method(lr=[]))),
+                                 r"methods.0.hparams.lr: an empty list is an empty grid axis"),
+    "run: search space bound": Case("run", run_case(sweep(methods=method(
+        lr={"tune": "loguniform", "lower": 0, "upper": 1}))), r"methods.0.hparams.lr: loguniform needs lower > 0"),
+    "run: search space kind": Case("run", run_case(sweep(methods=method(lr={"tune": "gaussian"}))),
+                                   r"methods.0.hparams.lr.tune: Input should be 'uniform'"),
+    "run: search space key": Case("run", run_case(sweep(methods=method(
+        lr={"tune": "uniform", "lower": 0.1, "upper": 1, "step": 2}))),
+        r"methods.0.hparams.lr.step: unknown key; valid: tune, lower, upper, values, q"),
+    "run: scheduler metric unknown": Case("run", run_case(sweep(scheduler={"metric": "es"})),
+                                          r"scheduler.metric: 'es' is not reported during training; valid: "),
+    "run: scheduler mode against the metric": Case("run", run_case(sweep(scheduler={"metric": "val_loss"})),
+                                                   r"scheduler.mode: val_loss is better when lower; use mode: min"),
+    "run: scheduler with editors that never report": Case(
+        "run", run_case(sweep(scheduler={"metric": "val_es"})),
+        r"scheduler: no method here reports val_es \(ft never do"),
+    "run: scheduler max_t too small": Case("run", run_case(sweep(
+        scheduler={"metric": "val_es", "max_t": 3},
+        methods=[{"name": "mend", "budget": {"max_steps": 10, "val_every": 2}}])),
+        r"scheduler.max_t \(3\) is below the 7 reports of methods.0 \(mend"),
+    "run: device cuda without a GPU": Case("run", run_case(sweep(device="cuda")),
+                                           r"device: cuda, but this machine has no visible GPU", skip=not NO_GPU),
+    "run: a GPU per trial without one": Case("run", run_case(sweep(resources={"gpu": 1})),
+                                             r"resources.gpu: 1.0 per trial, but this machine has 0 GPU",
+                                             skip=not NO_GPU),
+    "run: more CPUs than the machine": Case("run", run_case(sweep(resources={"cpu": 4096})),
+                                            r"resources.cpu: 4096.0 per trial, but this machine has \d+ CPU"),
+    "run: alias bomb is echoed short": Case("run", run_case(raw=BOMB + yaml.safe_dump(BASE)),
+                                            r"description: Input should be a valid string \(got \[\['x', "),
+    "run: paths file shares records with training": Case(
+        "run", lambda t, s: [write(t, sweep(datasets=[{"name": "zsre", "paths": {
+            "test": write(t, raw=json.dumps(zsre_rows(5)), name="test.json")}}]))],
+        r"paths.test \(.*test.json\) shares \d record\(s\) with the (train|val) split \(.*zsre_mend_800.json\)"),
+    "run: data file not UTF-8": Case(
+        "run", lambda t, s: [write(t, sweep(datasets=[{"name": "zsre", "paths": {
+            "test": write(t, raw=b'[{"src": "caf\xe9"}]', name="latin1.json")}}]))],
+        r"latin1.json: not UTF-8 text \(byte 13\)"),
+    "run: missing data file": Case("run", run_case(sweep(data_root="/nonexistent-root")),
+                                   r"zsre/zsre_mend_800.json' not found; tried"),
+    "run: tracking URI with an unknown scheme": Case("run", run_case(sweep(), extra=("--tracking-uri", "foo://x")),
+                                                     r"tracking URI 'foo://x': unknown scheme 'foo'"),
+    "run: tracking URI a plain path": Case("run", run_case(sweep(), extra=("--tracking-uri", "runs.db")),
+                                           r"tracking URI 'runs.db': not a store MLflow 3 uses"),
+    "run: tracking store in a missing folder": Case(
+        "run", lambda t, s: [write(t, sweep()), "--tracking-uri", f"sqlite:///{t}/no/such/dir/x.db"],
+        r"folder .*no/such/dir does not exist"),
+    "run: tracking store on a read-only file system": Case(
+        "run", run_case(sweep(), extra=("--tracking-uri", "sqlite:////proc/editbench.db")),
+        r"tracking store folder /proc: not writable"),
+    "run: --max-concurrent 0": Case("run", run_case(sweep(), extra=("--max-concurrent", "0")),
+                                    r"--max-concurrent must be >= 1, got 0"),
+    "run: --max-concurrent not a number": Case("run", run_case(sweep(), extra=("--max-concurrent", "many")),
+                                               r"argument --max-concurrent: invalid int value: 'many'"),
+    "run: unknown option": Case("run", run_case(sweep(), extra=("--frobnicate",)),
+                                r"unrecognized arguments: --frobnicate"),
+    # ---------------------------------------------------------------- bench.report
+    "report: store does not exist": Case("report", lambda t, s: ["--experiment", "x", "--tracking-uri",
+                                                                  f"sqlite:///{t}/mlruns.db"],
+                                         r"no MLflow store at .*mlruns.db; run a sweep first"),
+    "report: default store does not exist": Case("report", lambda t, s: ["--experiment", "x"],
+                                                 r"no MLflow store at .*mlruns.db"),
+    "report: unknown experiment": Case("report", lambda t, s: ["--experiment", "nope", "--tracking-uri", s],
+                                       r"unknown experiment 'nope'"),
+    "report: unknown format": Case("report", lambda t, s: ["--experiment", "x", "--format", "pdf"],
+                                   r"--format pdf unknown; valid: md, csv, tex, html"),
+    "report: blank experiment": Case("report", lambda t, s: ["--experiment", " "], r"--experiment must not be blank"),
+    "report: unwritable --out": Case("report", lambda t, s: ["--experiment", "empty", "--tracking-uri", s, "--out",
+                                                             "/proc/editbench-report"],
+                                     r"--out /proc/editbench-report: not writable"),
+    "report: missing --experiment": Case("report", lambda t, s: [], r"the following arguments are required: "
+                                                                    r"--experiment"),
+    # ---------------------------------------------------------------- bench.edit
+    "edit: empty prompt": Case("edit", lambda t, s: ["--run", "r", "--prompt", "", "--target", "x"],
+                               r"--prompt/--target: the prompt is empty"),
+    "edit: empty target": Case("edit", lambda t, s: ["--run", "r", "--prompt", "p", "--target", " "],
+                               r"--prompt/--target: the target is empty"),
+    "edit: --then without =": Case("edit", lambda t, s: ["--run", "r", "--prompt", "p", "--target", "x", "--then",
+                                                         "no equals"], r"--then 'no equals' must be PROMPT=TARGET"),
+    "edit: --then with an empty target": Case("edit", lambda t, s: ["--run", "r", "--prompt", "p", "--target", "x",
+                                                                    "--then", "q="], r"--then #1: the target is empty"),
+    "edit: store does not exist": Case("edit", lambda t, s: ["--run", "r", "--prompt", "p", "--target", "x"],
+                                       r"no MLflow store at .*mlruns.db"),
+    "edit: unknown run": Case("edit", lambda t, s: ["--run", "0" * 32, "--prompt", "p", "--target", "x",
+                                                    "--tracking-uri", s], r"unknown run id '0{32}'"),
+    "edit: --max-new-tokens 0": Case("edit", lambda t, s: ["--run", "r", "--prompt", "p", "--target", "x",
+                                                           "--max-new-tokens", "0"],
+                                     r"--max-new-tokens must be >= 1, got 0"),
+    # ---------------------------------------------------------------- bench.ui
+    "ui: port out of range": Case("ui", lambda t, s: ["--tracking-uri", s, "--port", "99999"],
+                                  r"--port 99999: not a TCP port; use 1-65535"),
+    "ui: port not a number": Case("ui", lambda t, s: ["--port", "http"], r"argument --port: invalid int value"),
+    "ui: store does not exist": Case("ui", lambda t, s: [], r"no MLflow store at .*mlruns.db"),
+    "ui: port taken": Case("ui", lambda t, s: ["--tracking-uri", s, "--port", str(_TAKEN.getsockname()[1])],
+                           r"--host 127.0.0.1 --port \d+: cannot listen there \(Address already in use\)"),
+    # ---------------------------------------------------------------- bench.perf
+    "perf: unknown model": Case("perf", lambda t, s: ["--model", "not a model"], r"unknown model 'not a model'"),
+    "perf: unknown device": Case("perf", lambda t, s: ["--model", "tiny-gpt2", "--device", "tpu"],
+                                 r"--device 'tpu': unknown; valid: cpu, cuda, cuda:N"),
+    "perf: cuda without a GPU": Case("perf", lambda t, s: ["--model", "tiny-gpt2", "--device", "cuda"],
+                                     r"--device cuda: no CUDA device is visible here", skip=not NO_GPU),
+    "perf: unwritable --out": Case("perf", lambda t, s: ["--model", "tiny-gpt2", "--out", "/proc/perf.json"],
+                                   r"--out /proc/perf.json: not writable"),
+    "perf: --out is a directory": Case("perf", lambda t, s: ["--model", "tiny-gpt2", "--out", str(t)],
+                                       r"--out .*: is a directory; give a file name"),
+    "perf: --repeats 0": Case("perf", lambda t, s: ["--model", "tiny-gpt2", "--repeats", "0"],
+                              r"--repeats must be >= 1, got 0"),
+}
+
+_TAKEN = socket.socket()
+_TAKEN.bind(("127.0.0.1", 0))
+_TAKEN.listen(1)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An existing store with an experiment 'empty' (no runs), for the commands that read one."""
+    from bench.tracking import prepare_experiment
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'runs.db'}"
+    prepare_experiment(uri, "empty")
+    return uri
+
+
+def _running(uri: str) -> int:
+    from bench.tracking import client
+
+    c = client(uri)
+    exps = [e.experiment_id for e in c.search_experiments()]
+    return len(c.search_runs(exps, filter_string="attributes.status = 'RUNNING'")) if exps else 0
+
+
+def test_there_are_at_least_forty_cases_over_all_five_commands() -> None:
+    assert len(CASES) >= 40
+    assert {c.command for c in CASES.values()} == {"run", "report", "edit", "ui", "perf"}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_one_line_exit_2(name: str, tmp_path: Path, store: str, capsys, monkeypatch) -> None:
+    case = CASES[name]
+    if case.skip:
+        pytest.skip("needs a machine without a GPU")
+    monkeypatch.chdir(tmp_path)
+    argv = case.argv(tmp_path, store)
+    main = importlib.import_module(f"bench.{case.command}").main
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == case.code, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert len(err) < 1000, err[:300]  # values are echoed clipped
+    assert re.search(case.pattern, err), err
+    assert not (tmp_path / "mlruns.db").exists()  # no store created where there was none
+    assert _running(store) == 0
+
+
+def test_verbose_shows_the_traceback_too(tmp_path: Path, capsys, monkeypatch) -> None:
+    from bench.run import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([write(tmp_path, sweep()), "--tracking-uri", "foo://x", "-v"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: tracking URI 'foo://x'")
+
+
+@pytest.mark.parametrize("command", ["run", "report", "edit", "ui", "perf"])
+def test_help_lists_every_option_default_exit_codes_and_an_example(command: str, capsys) -> None:
+    mod = importlib.import_module(f"bench.{command}")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit codes:" in out and "  2  " in out and "example:\n  python -m bench." in out
+    parser_opts = re.findall(r"^  (--[\w-]+)", out, flags=re.M)
+    assert parser_opts, out
+    for line in re.split(r"\n(?=  -)", out.split("options:")[1].split("exit codes:")[0]):
+        if not line.strip():
+            continue
+        opt = line.split()[0].rstrip(",")
+        if opt in ("-h", "-v", "--dry-run", "--resume", "--no-mlflow") or "required" in line:
+            continue
+        if opt in ("--run", "--prompt", "--target", "--experiment", "--probe", "--then"):
+            continue  # required, or repeatable with nothing by default
+        assert "default" in " ".join(line.split()), line

@@ -1,0 +1,236 @@
+"""Sweeps that survive interruption: kill -9 of the driver then ``--resume``, Ctrl-C and SIGTERM ending every open
+run KILLED, an ASHA sweep (the shipped ``sweeps/tune_lr.yaml`` on tiny models) end to end, and trials that give the
+same metrics twice."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from bench.config import Sweep, load_sweep, plan, trials, validate
+from bench.tracking import CONFIG_DIGEST_TAG, END_REASON_TAG, prepare_experiment, runs_frame
+from bench.trial import run_trial
+from tests.conftest import REPO
+
+# Four FT trials on tiny models: a few seconds each, long enough to be caught in the middle.
+MULTI = {
+    "name": "multi",
+    "n_edits": 4,
+    "seeds": [0, 1],
+    "models": ["tiny-gpt2", "tiny-llama"],
+    "datasets": [{"name": "zsre", "n_train": 16, "n_val": 4}],
+    "methods": [{"name": "ft", "hparams": {"lr": 1.0e-2, "max_steps": 3}}],
+}
+
+
+def _statuses(uri: str, experiment: str) -> list[tuple[str, str]]:
+    import polars as pl
+
+    df = runs_frame(uri, experiment)
+    if df.is_empty() or f"t.{CONFIG_DIGEST_TAG}" not in df.columns:
+        return []
+    df = df.filter(pl.col(f"t.{CONFIG_DIGEST_TAG}").is_not_null())
+    return list(zip(df[f"t.{CONFIG_DIGEST_TAG}"], df["status"]))
+
+
+def _start(sweep_file: Path, uri: str, cwd: Path, tag: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "EDITBENCH_RAY_TMP": f"/tmp/eb{tag}{os.getpid()}"}
+    return subprocess.Popen([sys.executable, "-m", "bench.run", str(sweep_file), "--tracking-uri", uri, *extra],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _raw_statuses(db: Path) -> list[str]:
+    """Trial-run statuses read with plain SQL (an MLflow client here would race the driver's schema creation)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return [r[0] for r in con.execute(
+                "select r.status from runs r join tags t on t.run_uuid = r.run_uuid where t.key = ?",
+                (CONFIG_DIGEST_TAG,))]
+    except sqlite3.Error:  # not created yet, or mid-migration
+        return []
+
+
+def _wait_mid_sweep(proc: subprocess.Popen, uri: str, experiment: str, timeout: float = 300) -> None:
+    """Until at least one trial has FINISHED and another is RUNNING (the moment to interrupt)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else ""
+        st = _raw_statuses(Path(uri[len("sqlite:///"):]))
+        if "FINISHED" in st and "RUNNING" in st:
+            return
+        time.sleep(0.3)
+    raise AssertionError("the sweep never had a finished and a running trial at once")
+
+
+def _reap(procs: list[psutil.Process]) -> None:
+    """Make sure every process a test started is gone (Ray's agents outlive a killed driver for a while)."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_then_resume_runs_only_what_is_missing(tmp_path: Path) -> None:
+    f = tmp_path / "multi.yaml"
+    f.write_text(yaml.safe_dump(MULTI))
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    proc = _start(f, uri, tmp_path, "k")
+    _wait_mid_sweep(proc, uri, "multi")
+    family = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = _statuses(uri, "multi")
+    assert "RUNNING" in {s for _, s in before} and "FINISHED" in {s for _, s in before}
+    finished_before = {d for d, s in before if s == "FINISHED"}
+    _reap(family)
+
+    res = _start(f, uri, tmp_path, "r", "--resume")
+    out, _ = res.communicate(timeout=600)
+    assert res.returncode == 0, out[-3000:]
+    expected = {t["config_digest"] for t in trials(load_sweep(f), validate(load_sweep(f)))}
+    assert f"resume: {len(finished_before)} of 4 trial(s) already FINISHED" in out
+    after = _statuses(uri, "multi")
+    finished = [d for d, s in after if s == "FINISHED"]
+    assert sorted(finished) == sorted(expected)  # every configuration once: no duplicate, none missing
+    assert "RUNNING" not in {s for _, s in after}
+    killed = runs_frame(uri, "multi", "attributes.status = 'KILLED'")
+    assert killed.height >= 1 and all("died" in r for r in killed[f"t.{END_REASON_TAG}"])
+    # A resume with nothing left starts no trial and still prints the summary.
+    again = _start(f, uri, tmp_path, "a", "--resume")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0 and "resume: 4 of 4 trial(s) already FINISHED" in out and "running 0" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code,group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
+                         ids=["ctrl-c to the process group", "sigterm to the driver"])
+def test_interruption_ends_every_open_run_killed(sig: int, code: int, group: bool, tmp_path: Path) -> None:
+    f = tmp_path / "multi.yaml"
+    f.write_text(yaml.safe_dump(MULTI))
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    proc = _start(f, uri, tmp_path, "i")
+    _wait_mid_sweep(proc, uri, "multi")
+    family = psutil.Process(proc.pid).children(recursive=True)
+    if group:
+        os.killpg(proc.pid, sig)  # what Ctrl-C in a terminal does
+    else:
+        os.kill(proc.pid, sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == code, out[-3000:]
+    st = _statuses(uri, "multi")
+    assert "RUNNING" not in {s for _, s in st}
+    assert "FINISHED" in {s for _, s in st} and "KILLED" in {s for _, s in st}, st
+    assert f"stopped by {signal.Signals(sig).name}" in out and "FINISHED" in out  # the summary of what finished
+    _reap([p for p in family if p.is_running()])
+
+
+@pytest.mark.slow
+def test_shipped_asha_sweep_end_to_end_on_tiny_models(tmp_path: Path) -> None:
+    """sweeps/tune_lr.yaml with its models and budgets shrunk: ASHA schedules the learned editors' samples on
+    val_loss, FT's run unscheduled; every run ends FINISHED or (stopped by ASHA) KILLED with the reason."""
+    doc = yaml.safe_load((REPO / "sweeps" / "tune_lr.yaml").read_text())
+    doc.update(models=["tiny-gpt2"], n_edits=2, num_samples=3, max_concurrent=1, resources={"cpu": 1},
+               datasets=[{"name": "zsre", "n_train": 16, "n_val": 4}])
+    doc["scheduler"].update(metric="val_loss", mode="min", grace_period=1, max_t=5)
+    small = {"max_steps": 6, "val_every": 2, "val_edits": 2, "patience": 10}
+    keep = []
+    for m in doc["methods"]:
+        if m["name"] in ("ft", "mend"):
+            if m["name"] == "mend":
+                m["hparams"]["rank"] = 8
+                m["budget"] = small
+            keep.append(m)
+    doc["methods"] = keep
+    f = tmp_path / "tune.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    out = subprocess.run([sys.executable, "-m", "bench.run", str(f), "--tracking-uri", uri], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "EDITBENCH_RAY_TMP": f"/tmp/eba{os.getpid()}"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "scheduler: ft never report val_loss" in out.stdout
+    df = runs_frame(uri, "tune_lr")
+    df = df.filter(df[f"t.{CONFIG_DIGEST_TAG}"].is_not_null())
+    assert df.height == 6  # 3 FT samples + 3 MEND samples, each one run
+    assert set(df["status"]) <= {"FINISHED", "KILLED"}
+    assert set(df.filter(df["p.method"] == "ft")["status"]) == {"FINISHED"}
+    for row in df.filter(df["status"] == "KILLED").iter_rows(named=True):
+        assert row["p.method"] == "mend" and "stopped early by the asha scheduler" in row[f"t.{END_REASON_TAG}"]
+    assert "FINISHED" in set(df.filter(df["p.method"] == "mend")["status"])
+    assert df.filter(df["p.method"] == "mend")["val_loss"].null_count() == 0  # reported at each validation
+
+
+def test_the_same_trial_twice_gives_the_same_metrics(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    prepare_experiment(uri, "det")
+    sweep = Sweep(name="det", n_edits=3, models=[{"name": "tiny-gpt2"}],
+                  datasets=[{"name": "zsre", "n_train": 16, "n_val": 4}],
+                  methods=[{"name": "mend", "hparams": {"lr": 1e-3, "rank": 8},
+                            "budget": {"max_steps": 4, "val_every": 2, "val_edits": 2}},
+                           {"name": "ft_kl", "hparams": {"lr": 1e-2, "max_steps": 3, "loc_batch_size": 2}}])
+    for point in trials(sweep, plan(sweep)):
+        a, b = run_trial(point, uri, "det"), run_trial(point, uri, "det")
+        noisy = ("time", "mem", "_s")
+        keys = [k for k in a if not any(n in k for n in noisy)]
+        assert len(keys) > 10
+        for k in keys:
+            assert (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == b[k], (point["method"], k, a[k], b[k])
+
+
+def test_config_digest_covers_what_decides_a_result(tmp_path: Path) -> None:
+    import json
+
+    base = {"name": "d", "n_edits": 2, "models": ["tiny-gpt2"], "datasets": [{"name": "zsre"}],
+            "methods": [{"name": "ft", "hparams": {"lr": 1e-2}}]}
+
+    def digest(**kw: object) -> str:
+        doc = json.loads(json.dumps(base))
+        doc.update(kw)
+        s = Sweep(**doc)
+        (t,) = trials(s, plan(s))
+        return t["config_digest"]
+
+    d0 = digest()
+    assert digest(name="other", description="x", tracking_uri="sqlite:///x.db") == d0  # not part of a result
+    rows = json.loads((Path(os.environ.get("EDITBENCH_DATA", REPO.parent / "shared" / "data"))
+                       / "zsre" / "zsre_mend_800.json").read_text())
+    mine = tmp_path / "t.json"
+    mine.write_text(json.dumps(rows[-50:]))
+    changed = [digest(n_edits=3), digest(seeds=[1]), digest(edit_batch_size=[2]),
+               digest(methods=[{"name": "ft", "hparams": {"lr": 1e-3}}]),
+               digest(methods=[{"name": "ft", "hparams": {"lr": 1e-2}, "budget": {"max_steps": 7}}]),
+               digest(models=[{"name": "tiny-gpt2", "edit_params": ["*mlp.c_fc*"]}]),
+               digest(datasets=[{"name": "zsre", "locality": "known"}]),
+               digest(datasets=[{"name": "zsre", "paths": {"test": str(mine)}}])]
+    assert len({d0, *changed}) == len(changed) + 1
+    mine.write_text(json.dumps(rows[-40:]))  # same path, other contents: another configuration
+    assert digest(datasets=[{"name": "zsre", "paths": {"test": str(mine)}}]) != changed[-1]
+
+
+def test_search_space_draws_are_reproducible_and_in_range() -> None:
+    s = Sweep(name="s", n_edits=2, num_samples=5, models=["tiny-gpt2"], datasets=["zsre"],
+              methods=[{"name": "mend", "hparams": {"lr": {"tune": "loguniform", "lower": 1e-5, "upper": 1e-3},
+                                                    "rank": {"tune": "choice", "values": [4, 8]}}},
+                       {"name": "ft", "hparams": {"lr": 1e-2}}])
+    a, b = trials(s, plan(s)), trials(s, plan(s))
+    assert [t["hparams"] for t in a] == [t["hparams"] for t in b]
+    mend = [t for t in a if t["method"] == "mend"]
+    assert len(mend) == 5 and len([t for t in a if t["method"] == "ft"]) == 1
+    assert all(1e-5 <= t["hparams"]["lr"] <= 1e-3 and t["hparams"]["rank"] in (4, 8) for t in mend)
+    assert len({t["config_digest"] for t in a}) == len(a)
+    assert len({t["run_name"] for t in a}) == len(a)
