@@ -328,26 +328,59 @@ def digest(obj: Any, n: int = 6) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
-def data_files(ds: DatasetEntry, data_root: str | None) -> dict[str, str]:
-    """Content digests (sha256) of every file a dataset entry can read: the card's split files or the sweep's
-    ``paths`` replacing them, the rephrase file and the chosen locality file; the public URLs for
-    ``source: public``. Part of a trial's configuration digest, so the same point on other data is another point."""
+def dataset_files(ds: DatasetEntry, data_root: str | None) -> dict[str, tuple[str, Path]]:
+    """Every local file a dataset entry can read, as key -> (path relative to the data root it is read from, the
+    resolved file): the card's split files or the sweep's ``paths`` replacing them (key = split), the rephrase file
+    and the chosen locality file. Card files this entry never reads and cannot find are left out; nothing for
+    ``source: public``."""
     card = load_card(ds.name)
     if ds.source == "public":
-        return {k: f"url:{u}" for k, u in sorted(((card.source or {}).get("files") or {}).items())}
+        return {}
     rel = {**card.files, **ds.paths}
     if card.rephrase_file:
         rel["rephrase"] = card.rephrase_file
     loc = card.locality.get(ds.locality or card.default_locality)
     if loc is not None and loc.file:
         rel["locality"] = loc.file
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, Path]] = {}
     for key, f in sorted(rel.items()):
         try:
-            out[key] = file_sha256(resolve_file(f, data_root))
-        except DataError:  # a card file this entry never reads (its splits all come from paths)
-            out[key] = "absent"
+            out[key] = (f, resolve_file(f, data_root))
+        except DataError:
+            if key in ds.paths:
+                raise
     return out
+
+
+def data_files(ds: DatasetEntry, data_root: str | None) -> dict[str, str]:
+    """Content digests (sha256) of every file a dataset entry can read (:func:`dataset_files`); the public URLs
+    for ``source: public``. Part of a trial's configuration digest, so the same point on other data is another
+    point."""
+    if ds.source == "public":
+        card = load_card(ds.name)
+        return {k: f"url:{u}" for k, u in sorted(((card.source or {}).get("files") or {}).items())}
+    return {k: file_sha256(p) for k, (_, p) in dataset_files(ds, data_root).items()}
+
+
+def ship_data(sweep: Sweep, todo: list[dict[str, Any]]) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
+    """What the trials need from the data root, packed (``bench.data.pack_files``) to travel with them, and the
+    trials rewritten to read it: ``paths`` files become relative paths inside the bundle and ``data_root`` is
+    left for the worker to set where it unpacks. A worker then needs no file of the driver's machine."""
+    from bench.data import pack_files
+
+    files: dict[str, Path] = {}
+    out = []
+    entries = {json.dumps(ds.model_dump(), sort_keys=True): ds for ds in sweep.datasets}
+    for t in todo:
+        ds = entries[json.dumps(t["dataset"], sort_keys=True)]
+        paths = dict(ds.paths)
+        for key, (rel, path) in dataset_files(ds, sweep.data_root).items():
+            if key in ds.paths:  # a user's file anywhere: mounted under its split and content
+                rel = f"_paths/{key}/{file_sha256(path)[:16]}/{path.name}"
+                paths[key] = rel
+            files[rel] = path
+        out.append({**t, "dataset": {**t["dataset"], "paths": paths}, "data_root": None, "shipped_data": True})
+    return pack_files(files), out
 
 
 def plan(sweep: Sweep) -> list[dict[str, Any]]:

@@ -234,6 +234,37 @@ def file_sha256(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
+def pack_files(files: dict[str, Path]) -> dict[str, bytes]:
+    """The bytes of each file, by the relative path it will have under a data root (see :func:`unpack_files`).
+    The driver reads the data once and ships it with the trials: workers need no shared file system."""
+    out = {}
+    for rel, path in files.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"packed data path {rel!r} must be relative and stay inside the data root")
+        out[rel] = path.read_bytes()
+    return out
+
+
+def unpack_files(bundle: dict[str, bytes], parent: Path | None = None) -> Path:
+    """Write a :func:`pack_files` bundle under a data root named by its content (reused when already there,
+    written atomically per file) and return that root, for ``data_root`` of a trial on any node."""
+    import tempfile
+
+    h = hashlib.sha256()
+    for rel in sorted(bundle):
+        h.update(rel.encode() + b"\0" + hashlib.sha256(bundle[rel]).digest())
+    root = (parent or Path(tempfile.gettempdir())) / f"editbench-data-{h.hexdigest()[:16]}"
+    for rel, blob in bundle.items():
+        dest = root / rel
+        if dest.exists() and dest.stat().st_size == len(blob):
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        tmp.write_bytes(blob)
+        tmp.replace(dest)
+    return root
+
+
 def _load_json_rows(path: Path) -> list[dict]:
     text = read_text(path)
     try:
@@ -366,9 +397,10 @@ def check_records(records: Sequence[EditRecord], where: str) -> list[EditRecord]
     how many; a file left with no usable record is an error naming it."""
     kept = [r for r in records
             if r.prompt.strip() and (r.label is not None or r.kind == "generation" or r.target.strip())]
-    if len(kept) < len(records):
-        log.warning("%s: dropped %d of %d records with an empty prompt or target", where, len(records) - len(kept),
-                    len(records))
+    if len(kept) < len(records):  # a handful (zsRE's sample has 2 of 800) is routine; more deserves a warning
+        level = logging.INFO if len(records) - len(kept) <= 0.01 * len(records) else logging.WARNING
+        log.log(level, "%s: dropped %d of %d records with an empty prompt or target", where,
+                len(records) - len(kept), len(records))
     if records and not kept:
         raise DataError(f"{where}: no record has a non-empty prompt and target")
     return kept

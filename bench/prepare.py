@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bench.data import TaskData, collate
+from bench.data import TaskData, collate, file_sha256
 from bench.models import _cache_root, load_model
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,9 @@ class Prepared:
 def prepare_key(model: str, task: TaskData, seed: int, settings: dict[str, Any]) -> str:
     """Cache key of a prepared base model (changes with any of its inputs)."""
     files = []
-    for split in ("train", "val"):
+    for split in ("train", "val"):  # by content: the same data shipped to another folder or node is the same key
         p = Path(task.files[split])
-        st = p.stat()
-        files.append([str(p), st.st_size, int(st.st_mtime), len(task.splits[split])])
+        files.append([p.name, file_sha256(p), len(task.splits[split])])
     blob = json.dumps({"model": model, "task": task.card.name, "files": files, "seed": seed, **settings},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

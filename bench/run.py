@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import cli
-from bench.config import Sweep, SweepError, load_sweep, trials, validate
+from bench.config import Sweep, SweepError, load_sweep, ship_data, trials, validate
 
 log = logging.getLogger("bench.run")
 
@@ -63,16 +63,25 @@ def _print_plan(todo: list[dict[str, Any]], sweep: Sweep) -> None:
     Console(width=200).print(t)
 
 
-def _trainable(config: dict[str, Any], todo: list[dict[str, Any]], tracking_uri: str, experiment: str,
-               sweep_id: str) -> None:
-    """Ray Tune function trainable: one concrete trial -> one MLflow run."""
+def _trainable(config: dict[str, Any], todo: list[dict[str, Any]], bundle: dict[str, bytes], tracking_uri: str,
+               experiment: str, sweep_id: str) -> None:
+    """Ray Tune function trainable: one concrete trial -> one MLflow run. The data arrives with the trial (Ray's
+    object store) and is unpacked on this node; the run is tagged with the node it ran on."""
+    import socket
+
+    import ray
     from ray import tune
 
+    from bench.data import unpack_files
     from bench.trial import run_trial
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    run_trial(todo[int(config["trial"])], tracking_uri, experiment, report=tune.report,
-              extra_tags={"sweep_id": sweep_id})
+    point = dict(todo[int(config["trial"])])
+    if point.get("shipped_data"):
+        point["data_root"] = str(unpack_files(bundle))
+    tags = {"sweep_id": sweep_id, "ray.node_id": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname()}
+    run_trial(point, tracking_uri, experiment, report=tune.report, extra_tags=tags)
 
 
 def _summary(tracking_uri: str, experiment: str, digests: set[str]) -> Any:
@@ -146,6 +155,33 @@ def check_devices(sweep: Sweep, source: str, cluster: dict[str, float] | None = 
                          f"CPU(s); use resources.cpu <= {int(cpus)}")
 
 
+def ray_auth() -> str:
+    """Make the driver present the cluster's token the way Ray documents it, before ``ray.init(address=...)``.
+
+    ``RAY_AUTH_MODE=disabled`` (the user's own choice for a cluster started that way) is respected; otherwise the
+    token comes from ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH`` names, or ``~/.ray/auth_token``, and
+    token mode is switched on for this process (Ray does not do it for a driver that joins). Authentication is
+    never switched off here. Returns where the token came from; raises :class:`cli.UserError` when there is none.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    if mode == "disabled":
+        return "RAY_AUTH_MODE=disabled (set by you)"
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        where = "RAY_AUTH_TOKEN"
+    else:
+        named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+        path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+        if not path.is_file() or not path.read_text().strip():
+            src = f"RAY_AUTH_TOKEN_PATH={named}" if named else f"{path}"
+            raise cli.UserError(
+                f"--address: no Ray auth token ({src} has none); copy the head node's ~/.ray/auth_token here, or "
+                "set RAY_AUTH_TOKEN to it or RAY_AUTH_TOKEN_PATH to its file (a cluster started with "
+                "RAY_AUTH_MODE=disabled: set RAY_AUTH_MODE=disabled here too)")
+        where = str(path)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    return where
+
+
 @dataclass
 class _Stop:
     """The first SIGINT/SIGTERM seen. Either interrupts the main thread wherever it is: the driver then shuts Ray
@@ -181,14 +217,20 @@ def main(argv: list[str] | None = None) -> int:
         if not args.address:
             check_devices(sweep, args.sweep)
         uri = tracking.check_tracking_uri(args.tracking_uri or sweep.tracking_uri or tracking.default_tracking_uri())
+        if args.address and not uri.startswith(("http://", "https://")):
+            raise SweepError(f"--address: trials on other nodes cannot reach {cli.cut(uri)}; pass --tracking-uri "
+                             "http://HOST:PORT of an MLflow server every node reaches (mlflow server "
+                             "--backend-store-uri sqlite:///runs.db --artifacts-destination DIR)")
     except (SweepError, tracking.TrackingError) as e:
         return cli.report_user_error(e, args.verbose)
     if args.dry_run:
         _print_plan(todo, sweep)
         return 0
     try:
+        if args.address:
+            log.info("Ray auth token from %s", ray_auth())
         tracking.ping(uri)
-    except tracking.TrackingError as e:
+    except (tracking.TrackingError, cli.UserError) as e:
         return cli.report_user_error(e, args.verbose)
 
     stop = _Stop()
@@ -199,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, sweep, todo, uri, stop)
     except KeyboardInterrupt:
         return stop.exit_code
+    except (SweepError, cli.UserError) as e:  # found on joining a cluster: no trial has run
+        return cli.report_user_error(e, args.verbose)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -263,16 +307,28 @@ def _tune(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, experim
 
     from bench import tracking
 
+    threads = {"EDITBENCH_THREADS": str(max(1, int(sweep.resources.cpu)))}
     if args.address:
-        ray.init(address=args.address, runtime_env={
-            "working_dir": str(Path(__file__).resolve().parent.parent),
-            "excludes": [".venv", ".git", "mlruns.db", "mlartifacts", "ray_results", "reports"],
-        }, logging_level=logging.WARNING)
+        try:
+            ray.init(address=args.address, logging_level=logging.WARNING, runtime_env={
+                "working_dir": str(Path(__file__).resolve().parent.parent), "env_vars": threads,
+                "excludes": [".venv", ".git", "*.db", "mlartifacts", "ray_results", "reports", "__pycache__"],
+            })
+        except Exception as e:  # refused token, wrong address, version mismatch: one line, not a traceback
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise cli.UserError(f"--address {args.address}: could not join the Ray cluster ({cli.cut(text)}); check "
+                                "the address, and that RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (default "
+                                "~/.ray/auth_token) holds the head node's token") from None
+        try:
+            check_devices(sweep, args.sweep, ray.cluster_resources())
+        except SweepError:
+            ray.shutdown()
+            raise
     else:
         # A short temp dir: Ray's unix sockets live under it and the path length is limited.
         tmp = os.environ.get("EDITBENCH_RAY_TMP", os.path.join(tempfile.gettempdir(), "ebray"))
         ray.init(_temp_dir=tmp, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"EDITBENCH_THREADS": str(max(1, int(sweep.resources.cpu)))}})
+                 runtime_env={"env_vars": threads})
     # ray.init installs a SIGTERM handler of its own (it logs a stack and exits 1): ours again, for a clean stop.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop.handler)
@@ -293,8 +349,9 @@ def _tune(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, experim
             if silent:
                 print(f"scheduler: {', '.join(silent)} never report {s.metric}; their trials run to the end",
                       flush=True)
-        trainable = tune.with_parameters(_trainable, todo=todo, tracking_uri=uri, experiment=experiment,
-                                         sweep_id=sweep_id)
+        bundle, todo = ship_data(sweep, todo)
+        trainable = tune.with_parameters(_trainable, todo=todo, bundle=bundle, tracking_uri=uri,
+                                         experiment=experiment, sweep_id=sweep_id)
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}),
             param_space={"trial": tune.grid_search(list(range(len(todo))))},

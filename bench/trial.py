@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from bench import tracking
-from bench.data import fetch_public, load_card, load_task, locality_pool, with_locality
+from bench.data import fetch_public, file_sha256, load_card, load_task, locality_pool, with_locality
 from bench.metrics import STYLES, PeakMemory, base_correct, evaluate
 from bench.models import load_model
 from bench.prepare import generation_targets, prepare_base
@@ -139,11 +139,14 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
             run.log_params({f"generate.{k}": v for k, v in gen.items()})
             for split in ("train", "val", "test"):
                 task.splits[split] = generation_targets(
-                    model, task.splits[split], seed, cache_tag=f"{task.files[split]}:{split}", **gen)
+                    model, task.splits[split], seed,
+                    cache_tag=f"{file_sha256(Path(task.files[split]))[:16]}:{split}", **gen)
         run.log_params({"model_params": model.meta["n_params"], "edit_params": ",".join(model.edit_params)})
         loc_source = ds.get("locality") or task.card.default_locality
         loc_counts = _apply_locality(model, task, loc_source, cfg.get("data_root"), seed)
-        run.log_params({f"data.{s}_file": f for s, f in task.files.items()})
+        root = cfg.get("data_root")
+        run.log_params({f"data.{s}_file": os.path.relpath(f, root) if root and f.startswith(str(root)) else f
+                        for s, f in task.files.items()})
         run.log_params({f"data.sha256.{k}": v for k, v in (cfg.get("data_files") or {}).items()})
         run.log_params({f"data.n_{s}": len(v) for s, v in task.splits.items()})
 

@@ -64,7 +64,7 @@ def port_free(host: str, port: int) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     from bench import cli
-    from bench.tracking import TrackingError, check_tracking_uri, default_tracking_uri
+    from bench.tracking import TrackingError, check_tracking_uri, default_tracking_uri, ping
 
     ap = cli.parser("python -m bench.ui", __doc__,
                     {0: "stopped with Ctrl-C or SIGTERM", 1: "the MLflow server exited or did not come up",
@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(f"--port {args.port}: not a TCP port; use 1-65535")
     try:
         uri = check_tracking_uri(args.tracking_uri or default_tracking_uri(), must_exist=True, writable=False)
+        if uri.startswith(("http://", "https://")):  # a server (a cluster's) serves its own UI
+            ping(uri)
+            print(f"the MLflow UI of {uri} is served by that server: open {uri.rstrip('/')}/ in a browser")
+            return 0
     except TrackingError as e:
         return cli.report_user_error(e, args.verbose)
     busy = port_free(args.host, args.port)

@@ -162,6 +162,12 @@ CASES: dict[str, Case] = {
                                                r"argument --max-concurrent: invalid int value: 'many'"),
     "run: unknown option": Case("run", run_case(sweep(), extra=("--frobnicate",)),
                                 r"unrecognized arguments: --frobnicate"),
+    "run: --address with a local store": Case("run", run_case(sweep(), extra=("--address", "127.0.0.1:1")),
+                                              r"--address: trials on other nodes cannot reach sqlite:///.*mlruns.db; "
+                                              r"pass --tracking-uri http://HOST:PORT"),
+    "run: --address without a Ray token": Case(
+        "run", run_case(sweep(), extra=("--address", "127.0.0.1:1", "--tracking-uri", "http://127.0.0.1:1")),
+        r"--address: no Ray auth token \(RAY_AUTH_TOKEN_PATH=/nonexistent/token has none\)"),
     # ---------------------------------------------------------------- bench.report
     "report: store does not exist": Case("report", lambda t, s: ["--experiment", "x", "--tracking-uri",
                                                                   f"sqlite:///{t}/mlruns.db"],
@@ -249,6 +255,9 @@ def test_bad_input_is_one_line_exit_2(name: str, tmp_path: Path, store: str, cap
     if case.skip:
         pytest.skip("needs a machine without a GPU")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/nonexistent/token")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     argv = case.argv(tmp_path, store)
     main = importlib.import_module(f"bench.{case.command}").main
     try:
