@@ -35,3 +35,16 @@ def zsre():
     from bench.data import load_task
 
     return load_task("zsre", sizes={"train": 64, "val": 16, "test": 16})
+
+
+def reap(procs: list) -> None:
+    """Kill and wait for ``procs`` (psutil processes): every process a test started is gone after it (Ray's agents
+    outlive a killed driver or node for a while)."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from bench.tracking import CONFIG_DIGEST_TAG, client, runs_frame
+from tests.conftest import reap
 
 BIN = Path(sys.executable).parent
 SWEEP = {
@@ -100,13 +101,7 @@ def cluster(tmp_path: Path) -> Iterator[dict]:
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
-        procs = _marked(marker)
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=30)
+        reap(_marked(marker))
 
 
 @pytest.mark.slow

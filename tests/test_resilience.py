@@ -19,7 +19,7 @@ import yaml
 from bench.config import Sweep, load_sweep, plan, trials, validate
 from bench.tracking import CONFIG_DIGEST_TAG, END_REASON_TAG, prepare_experiment, runs_frame
 from bench.trial import run_trial
-from tests.conftest import REPO
+from tests.conftest import REPO, reap
 
 # Four FT trials on tiny models: a few seconds each, long enough to be caught in the middle.
 MULTI = {
@@ -74,16 +74,6 @@ def _wait_mid_sweep(proc: subprocess.Popen, uri: str, experiment: str, timeout: 
     raise AssertionError("the sweep never had a finished and a running trial at once")
 
 
-def _reap(procs: list[psutil.Process]) -> None:
-    """Make sure every process a test started is gone (Ray's agents outlive a killed driver for a while)."""
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
 @pytest.mark.slow
 def test_kill_9_of_the_driver_then_resume_runs_only_what_is_missing(tmp_path: Path) -> None:
     f = tmp_path / "multi.yaml"
@@ -97,7 +87,7 @@ def test_kill_9_of_the_driver_then_resume_runs_only_what_is_missing(tmp_path: Pa
     before = _statuses(uri, "multi")
     assert "RUNNING" in {s for _, s in before} and "FINISHED" in {s for _, s in before}
     finished_before = {d for d, s in before if s == "FINISHED"}
-    _reap(family)
+    reap(family)
 
     res = _start(f, uri, tmp_path, "r", "--resume")
     out, _ = res.communicate(timeout=600)
@@ -136,7 +126,7 @@ def test_interruption_ends_every_open_run_killed(sig: int, code: int, group: boo
     assert "RUNNING" not in {s for _, s in st}
     assert "FINISHED" in {s for _, s in st} and "KILLED" in {s for _, s in st}, st
     assert f"stopped by {signal.Signals(sig).name}" in out and "FINISHED" in out  # the summary of what finished
-    _reap([p for p in family if p.is_running()])
+    reap([p for p in family if p.is_running()])
 
 
 @pytest.mark.slow
