@@ -264,7 +264,7 @@ def format_validation(err: ValidationError, source: str, root: type[BaseModel] |
     if e["type"] == "extra_forbidden":
         holder = _model_at(root, tuple(e["loc"])) if root is not None else None
         valid = f"; valid: {', '.join(holder.model_fields)}" if holder is not None else ""
-        return f"{source}: {loc}: unknown key{valid}{extra}"
+        return f"{source}: {cut(loc)}: unknown key{valid}{extra}"
     got = ""
     if "input" in e and e["type"] not in ("missing", "value_error") and not isinstance(e["input"], dict):
         got = f" (got {clip(e['input'])})"

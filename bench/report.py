@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.tracking import KIND_TAG as REPORT_TAG  # one place for tag names
+
 log = logging.getLogger("bench.report")
 
-REPORT_TAG = "editbench.kind"
 # Thresholds behind Table 1's ticks (stated in the report next to each cell).
 BATCH_KEEP_FRACTION = 0.8   # batched ES must stay within this fraction of single-edit ES
 SCALE_LIMIT_GB = 80.0       # extrapolated peak memory at 10B parameters must fit one 80 GB accelerator

@@ -79,7 +79,9 @@ def _trainable(config: dict[str, Any], todo: list[dict[str, Any]], bundle: dict[
     point = dict(todo[int(config["trial"])])
     if point.get("shipped_data"):
         point["data_root"] = str(unpack_files(bundle))
-    tags = {"sweep_id": sweep_id, "ray.node_id": ray.get_runtime_context().get_node_id(),
+    from bench.tracking import SWEEP_ID_TAG
+
+    tags = {SWEEP_ID_TAG: sweep_id, "ray.node_id": ray.get_runtime_context().get_node_id(),
             "host": socket.gethostname()}
     run_trial(point, tracking_uri, experiment, report=tune.report, extra_tags=tags)
 

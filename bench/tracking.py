@@ -49,9 +49,9 @@ def check_tracking_uri(uri: str, must_exist: bool = False, writable: bool = True
     plain paths and ``file:`` stores. For sqlite: with ``must_exist`` the file must be there (read-only commands
     never create a store); with ``writable`` its folder must accept new files. Raises :class:`TrackingError`.
     """
-    from bench.cli import UserError, check_writable_dir
+    from bench.cli import UserError, check_writable_dir, cut
 
-    shown = uri if len(uri) <= 200 else uri[:200] + "..."
+    shown = cut(uri)
     if "://" not in uri or uri.startswith("file:"):
         raise TrackingError(f"tracking URI {shown!r}: not a store MLflow 3 uses; give sqlite:///PATH.db or an "
                             "MLflow server http://HOST:PORT")
