@@ -199,6 +199,8 @@ class Sweep(_Strict):
     resources: Resources = Field(default_factory=Resources)
     scheduler: SchedulerEntry | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    retrain: bool = Field(default=False, description="train learned editors even when the store holds a FINISHED "
+                                                     "run trained the same way (default: load its checkpoint)")
     models: list[ModelEntry] = Field(min_length=1)
     datasets: list[DatasetEntry] = Field(min_length=1)
     methods: list[MethodEntry] = Field(min_length=1)
@@ -410,6 +412,7 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
                     "n_edits": sweep.n_edits,
                     "data_root": sweep.data_root,
                     "device": sweep.device,
+                    "retrain": sweep.retrain,
                     "run_name": f"{label}/{model.name}/{ds.name}/bs{bs}/s{seed}/{digest({**hp, **tuned_specs})}",
                 }
             )

@@ -26,7 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.tracking import FIT_STOP_TAG
 from bench.tracking import KIND_TAG as REPORT_TAG  # one place for tag names
+
+#: Marks a cell whose editor's training was ended by its budget, not by convergence on validation.
+BUDGET_MARK = "†"
 
 log = logging.getLogger("bench.report")
 
@@ -136,6 +140,26 @@ def _pooled(runs: list[dict], key: str) -> tuple[float, float, int]:
     return mean, ci, int(total)
 
 
+def budget_limited(runs: list[dict]) -> list[str]:
+    """One line per budget-limited run of a cell: why its training ended, at which step, and the step of its last
+    validation improvement. Empty when every learned editor converged (or the editor does not train)."""
+    out = []
+    for r in runs:
+        why = r.get(f"t.{FIT_STOP_TAG}")
+        if why in ("max_steps", "max_seconds"):
+            out.append(f"{r['method']} ({r['dataset']} / {r['model']}, seed {r.get('p.seed', '?')}): stopped by "
+                       f"{why} at step {_num(r, 'train_steps'):.0f}, last validation improvement at step "
+                       f"{_num(r, 'train_best_step'):.0f}")
+    return out
+
+
+def _budget_footnote(lines: list[str]) -> str:
+    if not lines:
+        return ""
+    return (f" {BUDGET_MARK} = budget-limited: the editor's training was ended by its step or time budget while "
+            "validation had not converged, so the cell is not a finished editor's result: " + "; ".join(lines) + ".")
+
+
 # --------------------------------------------------------------------------------------------------- tables
 
 
@@ -145,6 +169,7 @@ def table_results(df: Any) -> tuple[list[str], list[list[str]], str]:
     methods = sorted(df["method"].unique().to_list())
     best: dict[tuple, str] = {}
     cells: dict[tuple, tuple[float, str]] = {}
+    limited: list[str] = []
     for ds, model in cols:
         bs = int(df.filter((df["dataset"] == ds) & (df["model"] == model))["bs"].min())
         for m in methods:
@@ -155,7 +180,9 @@ def table_results(df: Any) -> tuple[list[str], list[list[str]], str]:
             dd, dd_ci, _ = _pooled(runs, "drawdown")
             agree, _, _ = _pooled(runs, "loc_agree")
             text = f"ES {_pm(es, es_ci)}; DD {_pm(dd, dd_ci)}; agree {agree:.3f} (n={n})"
-            cells[(m, ds, model)] = (es, text)
+            lines = budget_limited(runs)
+            limited += lines
+            cells[(m, ds, model)] = (es, text + (f" {BUDGET_MARK}" if lines else ""))
         col_cells = [(es, m) for (m, d, mo), (es, _) in cells.items() if (d, mo) == (ds, model) and not math.isnan(es)]
         if col_cells:
             best[(ds, model)] = max(col_cells)[1]
@@ -171,7 +198,8 @@ def table_results(df: Any) -> tuple[list[str], list[list[str]], str]:
     note = ("ES = edit success on the equivalence input (MEND style); DD = drawdown (QA and classification: locality "
             "accuracy before minus after; generation: relative perplexity increase on locality passages, "
             "ppl_after / ppl_before - 1); agree = share of locality answer tokens whose argmax is unchanged; "
-            "mean ± 95% CI over n edits; bold = best ES in the column; smallest edit batch size of each column.")
+            "mean ± 95% CI over n edits; bold = best ES in the column; smallest edit batch size of each column."
+            + _budget_footnote(limited))
     return header, rows, note
 
 
@@ -180,6 +208,7 @@ def table_batch(df: Any) -> tuple[list[str], list[list[str]], str]:
     sizes = sorted(df["bs"].unique().to_list())
     header = ["dataset / model", "editor"] + [f"B={b}" for b in sizes]
     rows = []
+    limited: list[str] = []
     for key in sorted({(r["dataset"], r["model"], r["method"]) for r in df.select("dataset", "model", "method").to_dicts()}):
         ds, model, m = key
         row = [f"{ds} / {model}", m]
@@ -190,9 +219,12 @@ def table_batch(df: Any) -> tuple[list[str], list[list[str]], str]:
                 continue
             es, _, _ = _pooled(runs, "es")
             dd, _, _ = _pooled(runs, "drawdown")
-            row.append(f"ES {es:.3f} / DD {dd:.3f}")
+            lines = budget_limited(runs)
+            limited += [line for line in lines if line not in limited]
+            row.append(f"ES {es:.3f} / DD {dd:.3f}" + (f" {BUDGET_MARK}" if lines else ""))
         rows.append(row)
-    return header, rows, "Each batch is one edit call on B requests; ES and drawdown are over all B requests."
+    return header, rows, ("Each batch is one edit call on B requests; ES and drawdown are over all B requests."
+                          + _budget_footnote(limited))
 
 
 def table_cost(df: Any) -> tuple[list[str], list[list[str]], str]:

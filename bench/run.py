@@ -25,7 +25,7 @@ log = logging.getLogger("bench.run")
 
 SUMMARY_COLUMNS = [
     "method", "model", "dataset", "edit_batch_size", "n_edits", "es", "es_ci95", "edit_acc", "drawdown",
-    "loc_agree", "loc_kl", "edit_time_s", "edit_peak_mem_mb", "train_time_s", "status",
+    "loc_agree", "loc_kl", "edit_time_s", "edit_peak_mem_mb", "train_time_s", "fit", "status",
 ]
 EXIT_CODES = {0: "every trial finished", 1: "some trial failed (its reason is printed)",
               2: "invalid sweep or option (one line, before Ray starts; no MLflow run is created)",
@@ -41,6 +41,9 @@ def _parse(argv: list[str] | None) -> Any:
     ap.add_argument("--resume", action="store_true",
                     help="run only the trials without a FINISHED run in the experiment (same config digest); "
                          "runs left RUNNING by a dead sweep are marked KILLED first")
+    ap.add_argument("--retrain", action="store_true",
+                    help="train learned editors even when a FINISHED run in the store was trained the same way "
+                         "(same training key); by default its checkpoint is loaded instead")
     ap.add_argument("--address", default=None, help="Ray cluster address to join (default: start a local cluster)")
     ap.add_argument("--tracking-uri", default=None,
                     help="MLflow tracking URI (default: the sweep's, else sqlite:///./mlruns.db)")
@@ -100,9 +103,30 @@ def _summary(tracking_uri: str, experiment: str, digests: set[str]) -> Any:
           .unique(subset=[col], keep="first", maintain_order=True))
     df = df.rename({"p.method": "method", "p.model": "model", "p.dataset": "dataset",
                     "p.edit_batch_size": "edit_batch_size"}, strict=False)
+    df = df.with_columns(fit_column(df))
     cols = [c for c in SUMMARY_COLUMNS if c in df.columns]
     num = [c for c in cols if df.schema[c] in (pl.Float64, pl.Float32)]
     return df.select(cols).with_columns([pl.col(c).round(3) for c in num]).sort(["dataset", "model", "method"])
+
+
+def fit_column(df: Any) -> Any:
+    """The summary's ``fit`` column: "converged", "budget† (step S, best B)" for a training its budget ended, or
+    "-" for editors that do not train."""
+    import polars as pl
+
+    from bench.report import BUDGET_MARK
+    from bench.tracking import FIT_STOP_TAG
+
+    tag = f"t.{FIT_STOP_TAG}"
+    if tag not in df.columns:
+        return pl.lit("-").alias("fit")
+    steps = pl.col("train_steps").cast(pl.Int64).cast(pl.Utf8) if "train_steps" in df.columns else pl.lit("?")
+    best = (pl.col("train_best_step").cast(pl.Int64).cast(pl.Utf8) if "train_best_step" in df.columns
+            else pl.lit("?"))
+    return (pl.when(pl.col(tag).is_in(["max_steps", "max_seconds"]))
+            .then(pl.concat_str([pl.lit(f"budget{BUDGET_MARK} (step "), steps, pl.lit(", best "), best, pl.lit(")")]))
+            .when(pl.col(tag) == "converged").then(pl.lit("converged"))
+            .otherwise(pl.lit("-")).alias("fit"))
 
 
 def _print_summary(df: Any, title: str) -> None:
@@ -212,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         sweep = load_sweep(args.sweep)
         points = validate(sweep, args.sweep)
         todo = trials(sweep, points)
+        if args.retrain:
+            todo = [{**t, "retrain": True} for t in todo]
         if args.max_concurrent is not None and args.max_concurrent < 1:
             raise SweepError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
         if args.experiment is not None and not args.experiment.strip():

@@ -27,6 +27,13 @@ SWEEP_ID_TAG = "sweep_id"
 CONFIG_DIGEST_TAG = "editbench.config_digest"
 END_REASON_TAG = "editbench.end_reason"
 KIND_TAG = "editbench.kind"
+#: Why the editor's training ended (``methods.base.STOP_REASONS``): converged, or budget-limited (max_steps,
+#: max_seconds), or untrained (editors without a fit step).
+FIT_STOP_TAG = "editbench.fit_stop"
+#: Digest of everything that determines a learned editor's training (see ``bench.trial.training_key``), and the
+#: run whose checkpoint a trial loaded instead of training.
+TRAIN_KEY_TAG = "editbench.train_key"
+TRAINED_FROM_TAG = "editbench.trained_from"
 
 #: URI schemes MLflow 3 serves a tracking store from (``postgresql+psycopg2`` etc. count as their base).
 KNOWN_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -308,3 +315,26 @@ def finished_digests(uri: str, experiment: str) -> set[str]:
         token = page.token
         if not token:
             return out
+
+
+def find_trained(uri: str, train_key: str) -> Any | None:
+    """The newest FINISHED run in any experiment of the store whose editor was trained under ``train_key`` and
+    that logged an ``editor`` checkpoint (and did not itself load one), or None."""
+    c = client(uri)
+    ids = [e.experiment_id for e in c.search_experiments()]
+    if not ids:
+        return None
+    runs = c.search_runs(ids, filter_string=f"attributes.status = 'FINISHED' and tags.`{TRAIN_KEY_TAG}` = "
+                                            f"'{train_key}'", order_by=["attributes.start_time DESC"],
+                         max_results=50)
+    for r in runs:
+        if TRAINED_FROM_TAG in r.data.tags:
+            continue  # a reuse points at its source; take the source itself
+        if any(a.path == "editor" for a in c.list_artifacts(r.info.run_id)):
+            return r
+    return None
+
+
+def download_dir(uri: str, run_id: str, path: str, dest: str | Path) -> Path:
+    """Download artifact folder ``path`` of ``run_id`` into ``dest``; returns the local folder."""
+    return Path(client(uri).download_artifacts(run_id, path, str(dest)))

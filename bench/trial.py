@@ -6,13 +6,16 @@ report function); tests call it directly.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -21,7 +24,7 @@ from bench.data import fetch_public, file_sha256, load_card, load_task, locality
 from bench.metrics import STYLES, PeakMemory, base_correct, evaluate
 from bench.models import load_model
 from bench.prepare import generation_targets, prepare_base
-from methods import Budget, get_editor
+from methods import Budget, FitResult, get_editor
 from methods.base import weights_digest
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,34 @@ def _apply_locality(model: Any, task: Any, source: str, data_root: str | None, s
     for split, idx in cuts.items():
         task.splits[split] = with_locality(task.splits[split], [kept[i] for i in idx], seed)
     return {"loc_pool_size": float(len(pairs)), "loc_pool_kept": float(len(kept))}
+
+
+def _records_digest(records: Sequence[Any]) -> str:
+    return hashlib.sha256(json.dumps([dataclasses.asdict(r) for r in records], sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
+def training_key(cfg: Mapping[str, Any], editor: Any, model: Any, task: Any, base_key: str | None) -> str:
+    """Digest of everything that determines a learned editor's training: method and its code version, the
+    validated hyper-parameters (defaults included), budget, model (and prepared base model) and the resolved
+    edited weights, seed, and the content of the train and val records as the editor sees them (after locality
+    and target generation). Test-side settings (n_edits, batch size, test file) are not part of it."""
+    blob = {"method": cfg["method"], "code": type(editor).code_version(),
+            "hparams": editor.hparams.model_dump(mode="json"),
+            "budget": dataclasses.asdict(Budget(**(cfg.get("budget") or {}))),
+            "model": cfg["model"]["name"], "base_model": base_key, "edit_params": list(model.edit_params),
+            "seed": int(cfg["seed"]), "train": _records_digest(task["train"]), "val": _records_digest(task["val"])}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _load_trained(editor: Any, uri: str, source: Any) -> FitResult:
+    """Load ``source`` run's editor checkpoint into ``editor``; the FitResult says what that training did."""
+    with tempfile.TemporaryDirectory() as tmp:
+        editor.load(tracking.download_dir(uri, source.info.run_id, "editor", tmp))
+    m, t = source.data.metrics, source.data.tags
+    return FitResult(steps=int(m.get("train_steps", 0)), seconds=0.0, best_step=int(m.get("train_best_step", 0)),
+                     best={k[len("best_"):]: v for k, v in m.items() if k.startswith("best_")},
+                     stop_reason=t.get(tracking.FIT_STOP_TAG, "untrained"))
 
 
 def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report: Reporter | None = None,
@@ -119,6 +150,7 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
             paths=ds.get("paths") or {}, file_overrides=public,
         )
         model_path = model_spec["name"]
+        prep_key = None
         if task.card.prepare:  # the task needs a base model trained for it first (FEVER's classifier)
             prep = prepare_base(model_spec["name"], task, seed, ds.get("prepare"), device)
             if prep.trained:
@@ -128,6 +160,7 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
                     prun.log_params({k: v for k, v in prep.info.items() if k != "val_accuracy"} | {"key": prep.key})
                     prun.log_metrics({"val_accuracy": prep.info["val_accuracy"],
                                       "train_seconds": prep.info["train_seconds"]})
+            prep_key = prep.key
             run.log_params({"base_model.path": str(prep.path), "base_model.key": prep.key})
             run.log_metrics({"base_val_accuracy": prep.info["val_accuracy"]})
             model_path = str(prep.path)
@@ -152,6 +185,13 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
 
         editor = editor_cls(model, cfg["hparams"])
         digest_before = weights_digest(model)
+        budget = Budget(**(cfg.get("budget") or {}))
+        source = None
+        if editor_cls.requires_training:  # train once: a FINISHED run trained the same way lends its checkpoint
+            key = training_key(cfg, editor, model, task, prep_key)
+            run.set_tags({tracking.TRAIN_KEY_TAG: key})
+            if not cfg.get("retrain"):
+                source = tracking.find_trained(tracking_uri, key)
 
         def log_step(step: int, metrics: Mapping[str, float]) -> None:
             run.log_metrics(metrics, step=step)
@@ -160,11 +200,18 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
 
         t_fit = time.time()
         with PeakMemory(model.device) as fit_mem:
-            fit = editor.fit(task["train"], task["val"], Budget(**(cfg.get("budget") or {})), log_step)
-        fit_s = time.time() - t_fit
+            if source is not None:
+                fit = _load_trained(editor, tracking_uri, source)
+                run.set_tags({tracking.TRAINED_FROM_TAG: source.info.run_id})
+                log.info("%s: editor loaded from run %s (same training key) instead of training", cfg["run_name"],
+                         source.info.run_id)
+            else:
+                fit = editor.fit(task["train"], task["val"], budget, log_step)
+        fit_s = 0.0 if source is not None else time.time() - t_fit
         digest_after = weights_digest(model)
         run.set_tags({"base_weights_sha256.before": digest_before, "base_weights_sha256.after": digest_after,
-                      "base_model_changed": str(digest_before != digest_after)})
+                      "base_model_changed": str(digest_before != digest_after),
+                      tracking.FIT_STOP_TAG: fit.stop_reason})
 
         def progress(done: int, total: int) -> None:
             if done == total or done % max(1, total // 10) == 0:
@@ -174,9 +221,12 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
                           rome_neighbourhood=task.card.rome_neighbourhood, progress=progress)
         metrics = dict(result.metrics)
         metrics.update(loc_counts)
-        metrics.update({"train_time_s": fit_s, "train_steps": float(fit.steps),
+        metrics.update({"train_time_s": fit_s, "train_steps": float(fit.steps), "train_best_step": float(fit.best_step),
                         "train_peak_mem_mb": fit_mem.mb if editor_cls.requires_training else 0.0,
                         "trial_time_s": time.time() - t_start})
+        if source is not None:  # the cost of the training this trial reused, from its source run
+            metrics.update({"source_train_time_s": source.data.metrics.get("train_time_s", float("nan")),
+                            "train_peak_mem_mb": source.data.metrics.get("train_peak_mem_mb", float("nan"))})
         metrics.update({f"best_{k}": v for k, v in fit.best.items()})
         run.log_metrics(metrics)
         run.log_table(result.rows)

@@ -69,14 +69,26 @@ class Budget:
     grad_accum: int = 1
 
 
+#: Why a fit ended. Only ``converged`` (patience on validation ran out) is a finished training; ``max_steps`` and
+#: ``max_seconds`` mean the budget ended it while validation had not stopped improving (budget-limited).
+STOP_REASONS = ("untrained", "converged", "max_steps", "max_seconds")
+
+
 @dataclass
 class FitResult:
-    """What ``fit`` did: steps, wall time, best validation metrics and at which step."""
+    """What ``fit`` did: steps, wall time, best validation metrics and at which step, and why it stopped
+    (one of :data:`STOP_REASONS`)."""
 
     steps: int = 0
     seconds: float = 0.0
     best_step: int = 0
     best: dict[str, float] = field(default_factory=dict)
+    stop_reason: str = "untrained"
+
+    @property
+    def budget_limited(self) -> bool:
+        """True when the step or time budget, not convergence on validation, ended the training."""
+        return self.stop_reason in ("max_steps", "max_seconds")
 
 
 class Editor:
@@ -97,6 +109,23 @@ class Editor:
         elif not isinstance(hparams, self.Hparams):
             hparams = self.Hparams(**dict(hparams))
         self.hparams = hparams
+
+    @classmethod
+    def code_version(cls) -> str:
+        """16 hex digits of sha256 over the source of the modules this editor's class hierarchy lives in, the
+        shared networks (``methods/nets.py``) and the losses (``bench/losses.py``): a trained editor is reused only
+        by the same code (see ``bench.trial``'s training key)."""
+        import inspect
+
+        import bench.losses
+        import methods.nets
+
+        files = {inspect.getsourcefile(k) for k in cls.__mro__ if k.__module__.startswith("methods")}
+        files |= {inspect.getsourcefile(methods.nets), inspect.getsourcefile(bench.losses)}
+        h = hashlib.sha256()
+        for f in sorted(x for x in files if x):
+            h.update(Path(f).name.encode() + b"\0" + Path(f).read_bytes())
+        return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ contract
     def fit(
@@ -295,6 +324,7 @@ class LearnedEditor(Editor):
         log.info("%s step 0: %s", self.name, _fmt(best))
         best_state = {k: v.clone() for k, v in self.state_dict().items()}
         best_step, bad, step = 0, 0, 0
+        reason = "max_steps"
         self.train(True)
         running: dict[str, float] = {}
         while step < budget.max_steps:
@@ -324,14 +354,19 @@ class LearnedEditor(Editor):
                     bad += 1
                     if bad >= budget.patience:
                         log.info("%s: early stop at step %d (best %d)", self.name, step, best_step)
+                        reason = "converged"
                         break
             if out_of_time:
                 log.info("%s: time budget spent at step %d", self.name, step)
+                reason = "max_seconds"
                 break
         self.train(False)
         self.load_state_dict(best_state)
+        if reason != "converged":
+            log.info("%s: budget-limited (%s) at step %d; last validation improvement at step %d", self.name,
+                     reason, step, best_step)
         return FitResult(steps=step, seconds=time.time() - t0, best_step=best_step,
-                         best={k: v for k, v in best.items() if k != "elapsed_s"})
+                         best={k: v for k, v in best.items() if k != "elapsed_s"}, stop_reason=reason)
 
 
 def make_adam(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

@@ -1,0 +1,106 @@
+"""Convergence is part of every result: a learned editor's fit says why it stopped, runs carry it, and the
+summary and the report mark budget-limited cells (dagger + footnote with the step and the last improvement)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.config import Sweep, plan, trials
+from bench.tracking import FIT_STOP_TAG, prepare_experiment, runs_frame
+from bench.trial import run_trial
+from methods import Budget
+from methods.mend import MEND
+from tests.conftest import tiny
+
+
+@pytest.mark.parametrize("budget,reason", [
+    (Budget(max_steps=40, val_every=1, val_edits=2, patience=1), "converged"),
+    (Budget(max_steps=2, val_every=1, val_edits=2, patience=50), "max_steps"),
+    (Budget(max_steps=1000, val_every=1, val_edits=2, patience=50, max_seconds=1e-6), "max_seconds"),
+], ids=["patience", "steps", "seconds"])
+def test_fit_says_why_it_stopped(budget: Budget, reason: str, zsre) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    ed = MEND(tiny("tiny-gpt2"), {"lr": 1e-3, "rank": 8})
+    fit = ed.fit(zsre["train"], zsre["val"], budget)
+    assert fit.stop_reason == reason
+    assert fit.budget_limited == (reason != "converged")
+    assert 0 <= fit.best_step <= fit.steps <= budget.max_steps
+    if reason == "converged":  # patience 1: the first validation without improvement ends it
+        assert fit.steps < budget.max_steps
+
+
+def test_budget_limited_cells_are_marked_in_summary_and_report(tmp_path: Path) -> None:
+    from bench import report
+    from bench.run import _summary
+
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    prepare_experiment(uri, "conv")
+    sweep = Sweep(name="conv", n_edits=2, models=["tiny-gpt2"], datasets=[{"name": "zsre", "n_train": 16,
+                                                                           "n_val": 4}],
+                  methods=[{"name": "mend", "hparams": {"lr": 1e-3, "rank": 8},
+                            "budget": {"max_steps": 2, "val_every": 1, "val_edits": 2, "patience": 50}},
+                           {"name": "ft", "hparams": {"lr": 1e-2, "max_steps": 2}}])
+    todo = trials(sweep, plan(sweep))
+    for t in todo:
+        run_trial(t, uri, "conv")
+    df = runs_frame(uri, "conv")
+    tags = dict(zip(df["p.method"], df[f"t.{FIT_STOP_TAG}"]))
+    assert tags == {"mend": "max_steps", "ft": "untrained"}
+    summary = _summary(uri, "conv", {t["config_digest"] for t in todo})
+    fit = dict(zip(summary["method"], summary["fit"]))
+    assert fit["mend"].startswith(f"budget{report.BUDGET_MARK} (step 2, best ") and fit["ft"] == "-"
+    rep = report.build(uri, "conv", tmp_path / "rep", ["md", "html"])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    for title in (report.TITLES["results"], report.TITLES["batch"]):  # Table 3/4 and Table 5
+        section = md.split(f"## {title}")[1].split("\n## ")[0]
+        mend_row = next(line for line in section.splitlines() if "| mend |" in line or line.startswith("| mend"))
+        ft_row = next(line for line in section.splitlines() if "| ft |" in line or line.startswith("| ft "))
+        assert report.BUDGET_MARK in mend_row and report.BUDGET_MARK not in ft_row, section
+    assert "stopped by max_steps at step 2, last validation improvement at step" in md
+    assert report.BUDGET_MARK in (tmp_path / "rep" / "report.html").read_text()
+    assert rep is not None
+
+
+HP = {"mend": {"lr": 1e-3, "rank": 8}, "enn": {"lr": 1e-3}, "ke": {"lr": 1e-3, "hidden_dim": 16,
+                                                                     "condition_dim": 16}}
+
+
+@pytest.mark.parametrize("method", sorted(HP))
+def test_a_trained_editor_is_reused_by_the_same_training_and_edits_the_same(method: str, tmp_path: Path) -> None:
+    """Train once, evaluate many: a trial whose training key matches a FINISHED run (any experiment) loads its
+    checkpoint (tagged with the source, train time 0, the source's time beside it) and scores exactly what
+    training again would; another hyper-parameter is another key."""
+    import math
+
+    from bench.tracking import TRAIN_KEY_TAG, TRAINED_FROM_TAG
+
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+
+    def trial(n_edits: int, **hp: float) -> dict:
+        s = Sweep(name="x", n_edits=n_edits, models=["tiny-gpt2"],
+                  datasets=[{"name": "zsre", "n_train": 16, "n_val": 4}],
+                  methods=[{"name": method, "hparams": {**HP[method], **hp},
+                            "budget": {"max_steps": 4, "val_every": 2, "val_edits": 2}}])
+        (t,) = trials(s, plan(s))
+        return t
+
+    for e in ("a", "b"):
+        prepare_experiment(uri, e)
+    first = run_trial(trial(3), uri, "a")
+    reused = run_trial(trial(4), uri, "b")           # more test edits, another experiment: same training
+    again = run_trial({**trial(4), "retrain": True}, uri, "b")
+    other = run_trial(trial(4, lr=2e-3), uri, "b")   # another learning rate: another training key
+    a, b = runs_frame(uri, "a"), runs_frame(uri, "b").sort("start_time")
+    src = a["run_id"][0]
+    assert list(b[f"t.{TRAINED_FROM_TAG}"]) == [src, None, None]
+    assert b[f"t.{TRAIN_KEY_TAG}"][0] == b[f"t.{TRAIN_KEY_TAG}"][1] == a[f"t.{TRAIN_KEY_TAG}"][0]
+    assert b[f"t.{TRAIN_KEY_TAG}"][2] != a[f"t.{TRAIN_KEY_TAG}"][0]
+    assert reused["train_time_s"] == 0 and reused["source_train_time_s"] == pytest.approx(first["train_time_s"])
+    assert reused["train_steps"] == first["train_steps"] and other["train_time_s"] > 0
+    keys = [k for k in again if not any(n in k for n in ("time", "mem", "_s"))]
+    for k in keys:  # the loaded editor edits exactly as the one trained again
+        assert (math.isnan(reused[k]) and math.isnan(again[k])) or reused[k] == pytest.approx(again[k], abs=1e-6), k
