@@ -210,7 +210,7 @@ def ray_auth() -> str:
 
 @dataclass
 class _Stop:
-    """The first SIGINT/SIGTERM seen. Either interrupts the main thread wherever it is: the driver then shuts Ray
+    """The first SIGINT/SIGTERM seen. Either signal interrupts the main thread wherever it is: the driver shuts Ray
     down at once (running trials end with their workers; Tune's own graceful stop waits ~10 s for them) and marks
     their runs KILLED. The tracking store, not Tune's state, is what ``--resume`` reads."""
 
