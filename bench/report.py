@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.tracking import FIT_STOP_TAG
+from bench.tracking import FIT_STOP_TAG, TRAINED_FROM_TAG
 from bench.tracking import KIND_TAG as REPORT_TAG  # one place for tag names
 
 #: Marks a cell whose editor's training was ended by its budget, not by convergence on validation.
@@ -234,14 +234,17 @@ def table_cost(df: Any) -> tuple[list[str], list[list[str]], str]:
     for key in sorted({(r["method"], r["model"]) for r in df.select("method", "model").to_dicts()}):
         runs = _cell_runs(df, method=key[0], model=key[1])
 
-        def mean(k: str) -> float:
-            vals = [_num(r, k) for r in runs if not math.isnan(_num(r, k))]
+        def mean(k: str, rs: list[dict] = runs) -> float:
+            vals = [_num(r, k) for r in rs if not math.isnan(_num(r, k))]
             return sum(vals) / len(vals) if vals else float("nan")
 
-        rows.append([key[0], key[1], f"{mean('train_time_s'):.1f}", f"{mean('train_peak_mem_mb'):.0f}",
+        # A run that loaded an editor trained elsewhere did not train: its training is counted once, at its source.
+        trained = [r for r in runs if not r.get(f"t.{TRAINED_FROM_TAG}")]
+        rows.append([key[0], key[1], f"{mean('train_time_s', trained):.1f}", f"{mean('train_peak_mem_mb'):.0f}",
                      f"{mean('edit_time_s'):.3f}", f"{mean('edit_peak_mem_mb'):.0f}", f"{mean('edit_steps'):.2f}"])
-    return header, rows, ("Means over runs. Peak memory above the level at the start of fit / edit (CUDA: "
-                          "max_memory_allocated; CPU: resident high-water mark).")
+    return header, rows, ("Means over runs (train time over the runs that trained: a run that loaded an editor "
+                          "trained under the same training key is left out of it). Peak memory above the level at "
+                          "the start of fit / edit (CUDA: max_memory_allocated; CPU: resident high-water mark).")
 
 
 def table_properties(df: Any) -> tuple[list[str], list[list[str]], str]:

@@ -55,6 +55,10 @@ def test_report_tables_match_the_runs(store) -> None:
             assert cell.removesuffix(" †") == f"ES {r['es']:.3f} / DD {r['drawdown']:.3f}"
             # mend's 2-step budget ends its training: the cell says so
             assert cell.endswith("†") == (r["t.editbench.fit_stop"] in ("max_steps", "max_seconds"))
+    cost = {r[0]: r for r in rep.tables["cost"][1]}
+    trained = df.filter((df["method"] == "mend") & df["t.editbench.trained_from"].is_null())
+    assert trained.height == 1  # batch size 2 loaded the editor batch size 1 trained (same training key)
+    assert cost["mend"][2] == f"{trained['train_time_s'][0]:.1f}"  # its training counted once
     t1 = {r[0]: r[1:] for r in rep.tables["table1"][1]}
     assert t1["mend"][0].startswith("✓") and t1["ft"][0].startswith("✓")  # hashes unchanged
     assert t1["mend"][1].startswith("✓")
