@@ -85,15 +85,16 @@ def report_user_error(err: BaseException, verbose: bool = False) -> int:
     return fail(str(err))
 
 
-def check_writable_dir(path: Path, what: str) -> Path:
+def check_writable_dir(path: Path, what: str, shown: Path | None = None) -> Path:
     """Make sure files can be created in folder ``path`` (created if missing) by creating and removing one;
-    raises :class:`UserError` naming ``what`` otherwise. Works for root too (a read-only file system refuses)."""
+    raises :class:`UserError` naming ``what`` and ``shown`` (default ``path``) otherwise. Works for root too (a
+    read-only file system refuses)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".editbench-write-test"):
             pass
     except OSError as e:
-        raise UserError(f"{what} {path}: not writable ({e.strerror or e})") from None
+        raise UserError(f"{what} {shown or path}: not writable ({e.strerror or e})") from None
     return path
 
 
@@ -101,10 +102,7 @@ def check_writable_file(path: Path, what: str) -> Path:
     """Make sure ``path`` can be written (its folder writable, the file itself not a folder or read-only)."""
     if path.is_dir():
         raise UserError(f"{what} {path}: is a directory; give a file name")
-    try:
-        check_writable_dir(path.parent if str(path.parent) else Path("."), what)
-    except UserError as e:
-        raise UserError(f"{what} {path}: not writable ({str(e).rsplit('(', 1)[-1]}") from None
+    check_writable_dir(path.parent if str(path.parent) else Path("."), what, shown=path)
     if path.exists() and not os.access(path, os.W_OK):
         raise UserError(f"{what} {path}: not writable")
     return path

@@ -371,17 +371,17 @@ def ship_data(sweep: Sweep, todo: list[dict[str, Any]]) -> tuple[dict[str, bytes
     from bench.data import pack_files
 
     files: dict[str, Path] = {}
-    out = []
-    entries = {json.dumps(ds.model_dump(), sort_keys=True): ds for ds in sweep.datasets}
-    for t in todo:
-        ds = entries[json.dumps(t["dataset"], sort_keys=True)]
+    mounted: dict[str, dict[str, str]] = {}  # dataset entry -> its paths as mounted in the bundle
+    for ds in sweep.datasets:
         paths = dict(ds.paths)
         for key, (rel, path) in dataset_files(ds, sweep.data_root).items():
             if key in ds.paths:  # a user's file anywhere: mounted under its split and content
                 rel = f"_paths/{key}/{file_sha256(path)[:16]}/{path.name}"
                 paths[key] = rel
             files[rel] = path
-        out.append({**t, "dataset": {**t["dataset"], "paths": paths}, "data_root": None, "shipped_data": True})
+        mounted[json.dumps(ds.model_dump(), sort_keys=True)] = paths
+    out = [{**t, "dataset": {**t["dataset"], "paths": mounted[json.dumps(t["dataset"], sort_keys=True)]},
+            "data_root": None, "shipped_data": True} for t in todo]
     return pack_files(files), out
 
 

@@ -234,6 +234,16 @@ def file_sha256(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write ``path`` whole or not at all (a temp file beside it, then a rename): a process killed mid-write
+    leaves no truncated file for the next one to trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
 def pack_files(files: dict[str, Path]) -> dict[str, bytes]:
     """The bytes of each file, by the relative path it will have under a data root (see :func:`unpack_files`).
     The driver reads the data once and ships it with the trials: workers need no shared file system."""
@@ -256,12 +266,8 @@ def unpack_files(bundle: dict[str, bytes], parent: Path | None = None) -> Path:
     root = (parent or Path(tempfile.gettempdir())) / f"editbench-data-{h.hexdigest()[:16]}"
     for rel, blob in bundle.items():
         dest = root / rel
-        if dest.exists() and dest.stat().st_size == len(blob):
-            continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-        tmp.write_bytes(blob)
-        tmp.replace(dest)
+        if not (dest.exists() and dest.stat().st_size == len(blob)):
+            write_atomic(dest, blob)
     return root
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bench.data import TaskData, collate, file_sha256
+from bench.data import TaskData, collate, file_sha256, write_atomic
 from bench.models import _cache_root, load_model
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,5 @@ def generation_targets(model: Any, records: list, seed: int, n_tokens: int = 10,
         new = seq[0, cur.shape[1]:].tolist()
         target = tok.decode(new)
         rows.append({"prompt": prompt, "target": target, "rephrase": rephrase})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written whole or not at all: a trial killed mid-write must not leave a truncated cache for the next one.
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(rows))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(rows).encode())
     return with_rows(rows)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.tracking import FIT_STOP_TAG, TRAINED_FROM_TAG
+from methods.base import BUDGET_LIMITED
 from bench.tracking import KIND_TAG as REPORT_TAG  # one place for tag names
 
 #: Marks a cell whose editor's training was ended by its budget, not by convergence on validation.
@@ -146,7 +147,7 @@ def budget_limited(runs: list[dict]) -> list[str]:
     out = []
     for r in runs:
         why = r.get(f"t.{FIT_STOP_TAG}")
-        if why in ("max_steps", "max_seconds"):
+        if why in BUDGET_LIMITED:
             out.append(f"{r['method']} ({r['dataset']} / {r['model']}, seed {r.get('p.seed', '?')}): stopped by "
                        f"{why} at step {_num(r, 'train_steps'):.0f}, last validation improvement at step "
                        f"{_num(r, 'train_best_step'):.0f}")

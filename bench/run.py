@@ -116,6 +116,7 @@ def fit_column(df: Any) -> Any:
 
     from bench.report import BUDGET_MARK
     from bench.tracking import FIT_STOP_TAG
+    from methods.base import BUDGET_LIMITED
 
     tag = f"t.{FIT_STOP_TAG}"
     if tag not in df.columns:
@@ -123,7 +124,7 @@ def fit_column(df: Any) -> Any:
     steps = pl.col("train_steps").cast(pl.Int64).cast(pl.Utf8) if "train_steps" in df.columns else pl.lit("?")
     best = (pl.col("train_best_step").cast(pl.Int64).cast(pl.Utf8) if "train_best_step" in df.columns
             else pl.lit("?"))
-    return (pl.when(pl.col(tag).is_in(["max_steps", "max_seconds"]))
+    return (pl.when(pl.col(tag).is_in(list(BUDGET_LIMITED)))
             .then(pl.concat_str([pl.lit(f"budget{BUDGET_MARK} (step "), steps, pl.lit(", best "), best, pl.lit(")")]))
             .when(pl.col(tag) == "converged").then(pl.lit("converged"))
             .otherwise(pl.lit("-")).alias("fit"))

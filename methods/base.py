@@ -72,6 +72,7 @@ class Budget:
 #: Why a fit ended. Only ``converged`` (patience on validation ran out) is a finished training; ``max_steps`` and
 #: ``max_seconds`` mean the budget ended it while validation had not stopped improving (budget-limited).
 STOP_REASONS = ("untrained", "converged", "max_steps", "max_seconds")
+BUDGET_LIMITED = ("max_steps", "max_seconds")
 
 
 @dataclass
@@ -88,7 +89,7 @@ class FitResult:
     @property
     def budget_limited(self) -> bool:
         """True when the step or time budget, not convergence on validation, ended the training."""
-        return self.stop_reason in ("max_steps", "max_seconds")
+        return self.stop_reason in BUDGET_LIMITED
 
 
 class Editor:
