@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from bench.cli import ECHO_LIMIT, clip, cut
 from bench.data import DataError, file_sha256, load_card, load_task, resolve_file, split_overlaps
-from bench.models import ModelSpecError, resolve_model_source
+from bench.models import ModelSpecError, model_kind_hint, resolve_model_source
 from methods import REGISTRY
 
 
@@ -194,6 +194,12 @@ class Sweep(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     n_edits: PositiveInt = 100
     edit_batch_size: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
+    edit_mode: list[Literal["independent", "sequential"]] = Field(
+        default_factory=lambda: ["independent"], min_length=1,
+        description="independent: every test edit starts from the unedited model; sequential: edits pile up")
+    checkpoints: list[PositiveInt] | None = Field(
+        default=None, description="sequential mode: edit counts at which every edit so far is scored "
+                                  "(default 1, 10, 50, 100, 250, ... and the last)")
     num_samples: PositiveInt = 1
     max_concurrent: PositiveInt = 1
     resources: Resources = Field(default_factory=Resources)
@@ -220,7 +226,7 @@ class Sweep(_Strict):
                              f"use a batch size <= n_edits")
         return self
 
-    @field_validator("edit_batch_size", "seeds", mode="before")
+    @field_validator("edit_batch_size", "seeds", "edit_mode", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return v if isinstance(v, list) else [v]
@@ -380,6 +386,9 @@ def ship_data(sweep: Sweep, todo: list[dict[str, Any]]) -> tuple[dict[str, bytes
                 paths[key] = rel
             files[rel] = path
         mounted[json.dumps(ds.model_dump(), sort_keys=True)] = paths
+    for t in todo:  # files editors read besides the task's (ROME/MEMIT's covariance corpus)
+        for rel in REGISTRY[t["method"]].data_files(t["hparams"]):
+            files[rel] = resolve_file(rel, sweep.data_root)
     out = [{**t, "dataset": {**t["dataset"], "paths": mounted[json.dumps(t["dataset"], sort_keys=True)]},
             "data_root": None, "shipped_data": True} for t in todo]
     return pack_files(files), out
@@ -392,11 +401,14 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
     fingerprints = {i: data_files(ds, sweep.data_root) for i, ds in enumerate(sweep.datasets)}
     for m in sweep.methods:
         combos, tuned = _grid_axes(m.hparams)
-        for model, (di, ds), seed, bs, hp in itertools.product(
-            sweep.models, enumerate(sweep.datasets), sweep.seeds, sweep.edit_batch_size, combos
+        for model, (di, ds), seed, bs, mode, hp in itertools.product(
+            sweep.models, enumerate(sweep.datasets), sweep.seeds, sweep.edit_batch_size, sweep.edit_mode, combos
         ):
             label = m.label or m.name
             tuned_specs = {k: t.model_dump(exclude_none=True) for k, t in tuned.items()}
+            seq = "/seq" if mode == "sequential" else ""
+            extra_files = {f"editor:{rel}": file_sha256(resolve_file(rel, sweep.data_root))
+                           for rel in REGISTRY[m.name].data_files(hp)}
             points.append(
                 {
                     "method": m.name,
@@ -406,14 +418,16 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
                     "budget": m.budget.model_dump(),
                     "model": model.model_dump(),
                     "dataset": ds.model_dump(),
-                    "data_files": fingerprints[di],
+                    "data_files": {**fingerprints[di], **extra_files},
                     "seed": seed,
                     "edit_batch_size": bs,
+                    "edit_mode": mode,
+                    "checkpoints": sweep.checkpoints,
                     "n_edits": sweep.n_edits,
                     "data_root": sweep.data_root,
                     "device": sweep.device,
                     "retrain": sweep.retrain,
-                    "run_name": f"{label}/{model.name}/{ds.name}/bs{bs}/s{seed}/{digest({**hp, **tuned_specs})}",
+                    "run_name": f"{label}/{model.name}/{ds.name}/bs{bs}{seq}/s{seed}/{digest({**hp, **tuned_specs})}",
                 }
             )
     return points
@@ -425,10 +439,13 @@ def config_digest(point: dict[str, Any], hparams: dict[str, Any]) -> str:
     the data root, the device or the store: the same trial elsewhere has the same digest (``--resume`` key)."""
     ds = dict(point["dataset"])
     ds["paths"] = sorted(ds.get("paths") or {})  # which splits are replaced; their contents are in data_files
-    return digest({"method": point["method"], "label": point["method_label"], "hparams": hparams,
-                   "budget": point["budget"], "model": point["model"], "dataset": ds,
-                   "data_files": point["data_files"], "seed": point["seed"],
-                   "edit_batch_size": point["edit_batch_size"], "n_edits": point["n_edits"]}, 16)
+    blob = {"method": point["method"], "label": point["method_label"], "hparams": hparams,
+            "budget": point["budget"], "model": point["model"], "dataset": ds,
+            "data_files": point["data_files"], "seed": point["seed"],
+            "edit_batch_size": point["edit_batch_size"], "n_edits": point["n_edits"]}
+    if point.get("edit_mode", "independent") != "independent":  # independent trials keep their earlier digests
+        blob.update(edit_mode=point["edit_mode"], checkpoints=point.get("checkpoints"))
+    return digest(blob, 16)
 
 
 def sample(spec: TuneSpec, rng: random.Random) -> Any:
@@ -504,6 +521,29 @@ def _check_scheduler(sweep: Sweep, source: str) -> None:
                              f"ASHA would stop a full fit before it is evaluated; use max_t >= {need}")
 
 
+def _check_pairings(sweep: Sweep, source: str) -> None:
+    """Every method supports every model kind and task it is paired with, and finds the data files it reads."""
+    for mi, m in enumerate(sweep.methods):
+        cls = REGISTRY[m.name]
+        kinds = cls.supported_kinds
+        for i, model in enumerate(sweep.models):
+            kind = model_kind_hint(model.name)
+            if kind is not None and kind not in kinds:
+                raise SweepError(f"{source}: methods.{mi} ({m.name}) edits {' / '.join(kinds)} models; models.{i} "
+                                 f"({clip(model.name)}) is {kind}; remove one of them")
+        if "classifier" not in kinds:
+            for i, ds in enumerate(sweep.datasets):
+                if load_card(ds.name).kind == "classification":
+                    raise SweepError(f"{source}: methods.{mi} ({m.name}) edits {' / '.join(kinds)} models; "
+                                     f"datasets.{i} ({ds.name}) is a classification task")
+        for combo in _grid_axes(m.hparams)[0]:
+            for rel in cls.data_files(combo):
+                try:
+                    resolve_file(rel, sweep.data_root)
+                except DataError as e:
+                    raise SweepError(f"{source}: methods.{mi} ({m.name}) reads {rel}: {e}") from None
+
+
 def validate(sweep: Sweep, source: str = "sweep") -> list[dict[str, Any]]:
     """Check everything that can be checked without weights: hyper-parameter values per method (strictly typed),
     search spaces, the scheduler, model names, dataset cards, locality sources, data files, record fields,
@@ -536,6 +576,7 @@ def validate(sweep: Sweep, source: str = "sweep") -> list[dict[str, Any]]:
             resolve_model_source(model.name)
         except ModelSpecError as e:
             raise SweepError(f"{source}: models.{i}.name: {e}") from None
+    _check_pairings(sweep, source)
     for i, ds in enumerate(sweep.datasets):
         try:
             card = load_card(ds.name)

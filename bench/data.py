@@ -159,13 +159,13 @@ def fetch_public(card: DatasetCard, split_key: str) -> Path:
     """
     import urllib.request
 
-    from bench.models import _cache_root
+    from bench.cache import cache_root
 
     urls = (card.source or {}).get("files") or {}
     if split_key not in urls:
         raise DataError(f"datasets/{card.name}.yaml: source.files has no {split_key!r} URL (has: {', '.join(urls)})")
     url = urls[split_key]
-    dest = _cache_root() / "data" / card.name / Path(url).name
+    dest = cache_root() / "data" / card.name / Path(url).name
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:

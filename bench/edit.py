@@ -8,16 +8,16 @@ python -m bench.edit --run RUN_ID --prompt "Who is the UK PM?" --target "Boris J
 Loads the run's model and editor (with its checkpoint, for learned editors), prints the model's output for the
 prompt and every probe before the edit, applies the edit, and prints them after it (greedy generation for
 causal/seq2seq models, the label for classifiers). ``--then`` chains further edits in sequence: each is computed
-on the already-edited model and composed with the previous ones.
+on the already-edited model (``EditableModel.applying``, as sequential sweeps do; no weight is modified in place)
+and composed with the previous ones.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -25,22 +25,6 @@ from torch import Tensor
 
 class EditCliError(ValueError):
     """A run that cannot be used for interactive editing; the message says why."""
-
-
-@contextmanager
-def weights_applied(model: Any, deltas: Mapping[str, Tensor]) -> Iterator[None]:
-    """Temporarily set W <- W + dW in place (for sequential edits); the exact original weights come back after."""
-    named = dict(model.model.named_parameters())
-    saved = {n: named[n].detach().clone() for n in deltas}
-    try:
-        with torch.no_grad():
-            for n, d in deltas.items():
-                named[n].add_(d)
-        yield
-    finally:
-        with torch.no_grad():
-            for n, w in saved.items():
-                named[n].copy_(w)
 
 
 @torch.no_grad()
@@ -120,7 +104,7 @@ def load_editor_from_run(uri: str, run_id: str) -> tuple[Any, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     from bench import cli
-    from bench.data import collate
+    from bench.data import EditRecord, collate
     from bench.tracking import TrackingError, check_tracking_uri, default_tracking_uri
     from methods.base import Edit
 
@@ -134,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe", action="append", default=[], help="another input to show before/after (repeatable)")
     ap.add_argument("--then", action="append", default=[], metavar="PROMPT=TARGET",
                     help="a further edit, in order (repeatable)")
+    ap.add_argument("--subject", default=None,
+                    help="the subject the prompt is about (ROME/MEMIT locate it in every prompt of the chain)")
     ap.add_argument("--tracking-uri", default=None, help="MLflow store; default: sqlite:///./mlruns.db")
     ap.add_argument("--max-new-tokens", type=int, default=20, help="greedy tokens generated per output")
     ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
@@ -163,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 raise EditCliError(f"--target {cli.clip(bad[0])}: this run's model is a classifier; give a label "
                                    f"id 0..{n - 1}")
+        if type(editor).name in ("rome", "memit"):
+            if not args.subject:
+                raise EditCliError(f"--subject: {type(editor).name} needs the subject of the edit (the words of "
+                                   f"--prompt it is about, e.g. --subject 'UK')")
+            lost = [p for p, _ in chain if args.subject.lower() not in p.lower()]
+            if lost:
+                raise EditCliError(f"--subject {cli.clip(args.subject)} does not occur in {cli.clip(lost[0])}; "
+                                   f"every edited prompt must contain it")
     except (EditCliError, TrackingError) as e:
         return cli.report_user_error(e, args.verbose)
     shown = [args.prompt, *args.probe, *[p for p, _ in chain[1:]]]
@@ -172,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     total = Edit({})
     for i, (prompt, target) in enumerate(chain):
         tgt: Any = int(target) if model.kind == "classifier" else target
-        batch = collate(model, [prompt], [tgt])
-        with weights_applied(model, total.deltas):  # sequential: edit the already-edited model
+        rec = EditRecord(case_id=f"cli-{i}", task="cli", kind="qa", prompt=prompt, target=str(target),
+                         subject=args.subject)
+        batch = collate(model, [prompt], [tgt], records=[rec])
+        with model.applying(total.deltas):  # sequential: edit the already-edited model (weights untouched)
             step = editor.edit(batch).detach()
         total = total + step
         print(f"after edit {i + 1} ({prompt!r} -> {target!r}):")

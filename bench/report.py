@@ -11,7 +11,11 @@ Writes, from the FINISHED trial runs of the experiment (read with MLflow's searc
    the best ES per column is marked.
 3. Table 5 style: ES and drawdown against edit batch size per editor.
 4. Cost table: training wall time and peak memory, edit latency and peak memory, optimiser steps per edit.
-5. Plots: ES vs drawdown per task, ES vs batch size, memory per editor (PNG; embedded in the HTML).
+5. Retention (sequential runs): ES on ALL edits made so far after k sequential edits, per editor, at every
+   checkpoint, with locality agreement against the original model at the last one.
+6. Plots: ES vs drawdown per task, ES vs batch size, memory per editor, retention vs number of edits (PNG;
+   embedded in the HTML).
+Tables 3-5 and the cost table use the independent-mode runs; Table 1 uses both (its "Sequential edits?").
 The report is also logged to MLflow as a run of its own (tag ``editbench.kind = report``).
 """
 
@@ -37,6 +41,8 @@ log = logging.getLogger("bench.report")
 
 # Thresholds behind Table 1's ticks (stated in the report next to each cell).
 BATCH_KEEP_FRACTION = 0.8   # batched ES must stay within this fraction of single-edit ES
+SEQ_KEEP_FRACTION = 0.8     # ES on all N edits after N sequential edits, as a fraction of ES right after each edit
+SEQ_MIN_EDITS = 10          # fewer sequential edits are no evidence
 SCALE_LIMIT_GB = 80.0       # extrapolated peak memory at 10B parameters must fit one 80 GB accelerator
 FEW_STEPS = 1.0             # at most this many optimiser steps per edit
 
@@ -91,6 +97,8 @@ def load_runs(uri: str, experiment: str) -> Any:
              pl.col("p.dataset").alias("dataset"), pl.col("p.edit_batch_size").cast(pl.Int64).alias("bs")]
     if "p.model_params" in df.columns:
         casts.append(pl.col("p.model_params").cast(pl.Float64).alias("model_params"))
+    mode = pl.col("p.edit_mode") if "p.edit_mode" in df.columns else pl.lit(None, dtype=pl.Utf8)
+    casts.append(mode.fill_null("independent").alias("mode"))
     df = df.with_columns(casts)
     return df.with_columns(pl.Series("method", _config_labels(df.to_dicts())))
 
@@ -250,12 +258,18 @@ def table_cost(df: Any) -> tuple[list[str], list[list[str]], str]:
 
 def table_properties(df: Any) -> tuple[list[str], list[list[str]], str]:
     """Table 1, measured: every cell from evidence in the runs."""
-    header = ["editor", "Preserves model?", "Only (x_e, y_e)?", "Batched edits?", "Scales to 10B?", "Few steps?"]
+    header = ["editor", "Preserves model?", "Only (x_e, y_e)?", "Batched edits?", "Sequential edits?",
+              "Scales to 10B?", "Few steps?"]
     rows = []
     for m in sorted(df["method"].unique().to_list()):
         runs = _cell_runs(df, method=m)
-        rows.append([m, _preserves(runs), _only_xy(runs), _batched(runs), _scales(runs), _few_steps(runs)])
-    note = (f"Batched: ES at the largest batch size stays >= {BATCH_KEEP_FRACTION:.0%} of single-edit ES. Scales: "
+        ind = [r for r in runs if r["mode"] == "independent"]
+        seq = [r for r in runs if r["mode"] == "sequential"]
+        rows.append([m, _preserves(runs), _only_xy(runs), _batched(ind) if ind else "no evidence (no independent "
+                     "run)", _sequential(seq), _scales(runs), _few_steps(runs)])
+    note = (f"Batched: ES at the largest batch size stays >= {BATCH_KEEP_FRACTION:.0%} of single-edit ES. "
+            f"Sequential: after N >= {SEQ_MIN_EDITS} edits applied one after another, ES on all N stays >= "
+            f"{SEQ_KEEP_FRACTION:.0%} of the ES each edit had right after it was made. Scales: "
             f"peak memory (training, else edit) fitted linearly against parameter count on >= 2 model sizes and "
             f"extrapolated to 10B parameters, tick when <= {SCALE_LIMIT_GB:.0f} GB. Few steps: <= {FEW_STEPS:g} "
             "optimiser step per edit.")
@@ -294,6 +308,56 @@ def _batched(runs: list[dict]) -> str:
     batched, _, _ = _pooled([r for r in runs if int(r["bs"]) == big], "es")
     ok = single > 0 and batched >= BATCH_KEEP_FRACTION * single
     return f"{'✓' if ok else '✗'} ES {batched:.3f} at B={big} vs {single:.3f} at B=1"
+
+
+def _sequential(runs: list[dict]) -> str:
+    """Evidence of retention: ES on all N edits after the N-th (``retention_es``) against the ES each edit had
+    right after it was made (``es`` of a sequential run), for the longest sequential run."""
+    runs = [r for r in runs if not math.isnan(_num(r, "retention_es")) and _num(r, "n_edits") >= SEQ_MIN_EDITS]
+    if not runs:
+        return f"no evidence (no sequential run of >= {SEQ_MIN_EDITS} edits)"
+    longest = max(_num(r, "n_edits") for r in runs)
+    top = [r for r in runs if _num(r, "n_edits") == longest]
+    kept, _, _ = _pooled(top, "retention_es")
+    fresh, _, _ = _pooled(top, "es")
+    ok = fresh > 0 and kept >= SEQ_KEEP_FRACTION * fresh
+    return f"{'✓' if ok else '✗'} ES on all {longest:.0f} after {longest:.0f} edits {kept:.3f} vs {fresh:.3f} right after each"
+
+
+def retention_curves(uri: str, df: Any) -> dict[tuple[str, str, str], list[tuple[int, float, float]]]:
+    """(method, dataset, model) -> [(edits so far, retention ES, retention locality agreement)] from the metric
+    history of the sequential runs (averaged over runs of one key at equal edit counts)."""
+    from bench.tracking import client
+
+    c = client(uri)
+    acc: dict[tuple[str, str, str], dict[int, list[tuple[float, float]]]] = {}
+    for r in df.to_dicts():
+        if r["mode"] != "sequential":
+            continue
+        es = {h.step: h.value for h in c.get_metric_history(r["run_id"], "retention_es")}
+        agree = {h.step: h.value for h in c.get_metric_history(r["run_id"], "retention_loc_agree")}
+        for k, v in es.items():
+            if k > 0:
+                acc.setdefault((r["method"], r["dataset"], r["model"]), {}).setdefault(k, []).append(
+                    (v, agree.get(k, float("nan"))))
+    return {key: [(k, sum(a for a, _ in v) / len(v), sum(b for _, b in v) / len(v)) for k, v in sorted(pts.items())]
+            for key, pts in acc.items()}
+
+
+def table_retention(curves: dict[tuple[str, str, str], list[tuple[int, float, float]]]
+                    ) -> tuple[list[str], list[list[str]], str]:
+    """Sequential editing: ES on all edits so far after k edits, per editor, at every checkpoint."""
+    ks = sorted({k for pts in curves.values() for k, _, _ in pts})
+    header = ["dataset / model", "editor"] + [f"k={k}" for k in ks] + ["loc agree (last)"]
+    rows = []
+    for (m, ds, model), pts in sorted(curves.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        at = {k: es for k, es, _ in pts}
+        rows.append([f"{ds} / {model}", m] + [f"{at[k]:.3f}" if k in at else "-" for k in ks]
+                    + [f"{pts[-1][2]:.3f}"])
+    return header, rows, ("Sequential editing: the test edits are applied one batch after another, each computed on "
+                          "the model as already edited; k=N is ES (x'_e, MEND style) on ALL N edits made so far "
+                          "(retention), after the N-th. loc agree: locality argmax agreement with the ORIGINAL model "
+                          "after the last edit.")
 
 
 def _scales(runs: list[dict]) -> str:
@@ -374,6 +438,27 @@ def make_plots(df: Any, out: Path) -> dict[str, Path]:
     return plots
 
 
+def plot_retention(curves: dict[tuple[str, str, str], list[tuple[int, float, float]]], out: Path) -> Path:
+    """ES on all edits so far against the number of sequential edits, one line per editor (and task/model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    several = len({(d, mo) for _, d, mo in curves}) > 1
+    for (m, ds, model), pts in sorted(curves.items()):
+        ax.plot([k for k, _, _ in pts], [es for _, es, _ in pts], marker="o",
+                label=f"{m} ({ds}/{model})" if several else m)
+    ax.set_xscale("log")
+    ax.set_xlabel("number of sequential edits")
+    ax.set_ylabel("ES on all edits so far")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title("Retention under sequential editing")
+    return _save(fig, out / "retention.png")
+
+
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -390,6 +475,7 @@ TITLES = {
     "results": "Table 3/4 style: edit success and drawdown",
     "batch": "Table 5 style: batched edits",
     "cost": "Cost",
+    "retention": "Sequential editing: retention",
 }
 
 
@@ -444,15 +530,27 @@ def to_html(rep: Report) -> str:
 
 def build(uri: str, experiment: str, out: Path, formats: list[str]) -> Report:
     """Read the runs, write every table in ``formats`` and the plots into ``out``; return the report."""
+    import polars as pl
+
     df = load_runs(uri, experiment)
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(experiment=experiment, n_runs=df.height)
-    for key, fn in (("table1", table_properties), ("results", table_results), ("batch", table_batch),
-                    ("cost", table_cost)):
-        header, rows, note = fn(df)
+    ind = df.filter(pl.col("mode") == "independent")
+    tables: list[tuple[str, Any, Any]] = [("table1", table_properties, df)]
+    if not ind.is_empty():
+        tables += [("results", table_results, ind), ("batch", table_batch, ind), ("cost", table_cost, ind)]
+    for key, fn, frame in tables:
+        header, rows, note = fn(frame)
         rep.tables[key] = (header, rows)
         rep.notes[key] = note
-    rep.plots = make_plots(df, out)
+    curves = retention_curves(uri, df)
+    if curves:
+        header, rows, note = table_retention(curves)
+        rep.tables["retention"] = (header, rows)
+        rep.notes["retention"] = note
+    rep.plots = make_plots(ind, out) if not ind.is_empty() else {}
+    if curves:
+        rep.plots["retention"] = plot_retention(curves, out)
     if "md" in formats:
         md = [f"# Editing report: {experiment}", "", f"{rep.n_runs} finished trial runs.", ""]
         for key, (header, rows) in rep.tables.items():

@@ -24,8 +24,9 @@ from bench.config import Sweep, SweepError, load_sweep, ship_data, trials, valid
 log = logging.getLogger("bench.run")
 
 SUMMARY_COLUMNS = [
-    "method", "model", "dataset", "edit_batch_size", "n_edits", "es", "es_ci95", "edit_acc", "drawdown",
-    "loc_agree", "loc_kl", "edit_time_s", "edit_peak_mem_mb", "train_time_s", "fit", "status",
+    "method", "model", "dataset", "edit_batch_size", "edit_mode", "n_edits", "es", "es_ci95", "edit_acc",
+    "retention_es", "drawdown", "loc_agree", "loc_kl", "edit_time_s", "edit_peak_mem_mb", "train_time_s", "fit",
+    "status",
 ]
 EXIT_CODES = {0: "every trial finished", 1: "some trial failed (its reason is printed)",
               2: "invalid sweep or option (one line, before Ray starts; no MLflow run is created)",
@@ -102,7 +103,7 @@ def _summary(tracking_uri: str, experiment: str, digests: set[str]) -> Any:
     df = (df.filter(pl.col(col).is_in(sorted(digests))).sort("start_time", descending=True)
           .unique(subset=[col], keep="first", maintain_order=True))
     df = df.rename({"p.method": "method", "p.model": "model", "p.dataset": "dataset",
-                    "p.edit_batch_size": "edit_batch_size"}, strict=False)
+                    "p.edit_batch_size": "edit_batch_size", "p.edit_mode": "edit_mode"}, strict=False)
     df = df.with_columns(fit_column(df))
     cols = [c for c in SUMMARY_COLUMNS if c in df.columns]
     num = [c for c in cols if df.schema[c] in (pl.Float64, pl.Float32)]

@@ -123,6 +123,7 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
         "hparams": dict(cfg["hparams"]),
         "budget": dict(cfg.get("budget") or {}),
         "locality": ds.get("locality") or "",
+        "edit_mode": cfg.get("edit_mode", "independent"),
     }
     editor_cls = get_editor(method)
     tags = {
@@ -174,7 +175,7 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
                 task.splits[split] = generation_targets(
                     model, task.splits[split], seed,
                     cache_tag=f"{file_sha256(Path(task.files[split]))[:16]}:{split}", **gen)
-        run.log_params({"model_params": model.meta["n_params"], "edit_params": ",".join(model.edit_params)})
+        run.log_params({"model_params": model.meta["n_params"]})
         loc_source = ds.get("locality") or task.card.default_locality
         loc_counts = _apply_locality(model, task, loc_source, cfg.get("data_root"), seed)
         root = cfg.get("data_root")
@@ -183,12 +184,13 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
         run.log_params({f"data.sha256.{k}": v for k, v in (cfg.get("data_files") or {}).items()})
         run.log_params({f"data.n_{s}": len(v) for s, v in task.splits.items()})
 
-        editor = editor_cls(model, cfg["hparams"])
+        editor = editor_cls(model, cfg["hparams"], data_root=cfg.get("data_root"))
+        run.log_params({"edit_params": ",".join(editor.model.edit_params)})  # the editor's choice of weights
         digest_before = weights_digest(model)
         budget = Budget(**(cfg.get("budget") or {}))
         source = None
         if editor_cls.requires_training:  # train once: a FINISHED run trained the same way lends its checkpoint
-            key = training_key(cfg, editor, model, task, prep_key)
+            key = training_key(cfg, editor, editor.model, task, prep_key)
             run.set_tags({tracking.TRAIN_KEY_TAG: key})
             if not cfg.get("retrain"):
                 source = tracking.find_trained(tracking_uri, key)
@@ -218,7 +220,10 @@ def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report
                 log.info("%s: evaluated %d/%d edits", cfg["run_name"], done, total)
 
         result = evaluate(editor, model, task["test"], int(cfg["edit_batch_size"]),
-                          rome_neighbourhood=task.card.rome_neighbourhood, progress=progress)
+                          rome_neighbourhood=task.card.rome_neighbourhood, progress=progress,
+                          mode=cfg.get("edit_mode", "independent"), checkpoints=cfg.get("checkpoints"))
+        for mark in result.checkpoints:  # sequential: retention after k edits, as metric history at step k
+            run.log_metrics({k: v for k, v in mark.items() if k != "n_edits"}, step=int(mark["n_edits"]))
         metrics = dict(result.metrics)
         metrics.update(loc_counts)
         metrics.update({"train_time_s": fit_s, "train_steps": float(fit.steps), "train_best_step": float(fit.best_step),

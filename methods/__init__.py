@@ -9,7 +9,9 @@ from methods.base import Budget, Edit, Editor, FitResult, Hparams
 from methods.enn import ENN
 from methods.ft import FT, FTKL
 from methods.ke import KE
+from methods.memit import MEMIT
 from methods.mend import MEND
+from methods.rome import ROME
 
 REGISTRY: dict[str, type[Editor]] = {
     FT.name: FT,
@@ -17,6 +19,8 @@ REGISTRY: dict[str, type[Editor]] = {
     MEND.name: MEND,
     ENN.name: ENN,
     KE.name: KE,
+    ROME.name: ROME,
+    MEMIT.name: MEMIT,
 }
 
 

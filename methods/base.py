@@ -5,9 +5,13 @@ from parameter names to weight deltas; the model is evaluated with ``W + dW`` th
 ``torch.func.functional_call`` (see :meth:`EditableModel.logits`) and is never mutated by an edit. A batched edit
 is one ``edit`` call on B requests; sequential edits compose deltas with ``+``.
 
-Each editor declares ``requires_training`` (needs ``fit`` on training edits), ``uses_training_data_at_edit_time``
-(reads training records when editing, like FT+KL) and ``modifies_base_model`` (its ``fit`` changes the pre-edit
-model, like ENN). Hyper-parameters are a pydantic model per method with the paper's defaults.
+Each editor declares ``requires_training`` (a learned editor: ``fit`` trains it on training edits),
+``uses_training_data_at_edit_time`` (reads training records when editing, like FT+KL), ``modifies_base_model``
+(its ``fit`` changes the pre-edit model, like ENN), the model kinds it supports (``supported_kinds``), which
+weights it edits (:meth:`Editor.select_weights`: by default the model's, i.e. the family's MLPs of the last blocks
+or the sweep's ``edit_params``; ROME one MLP output projection) and the data files it reads besides the task's
+(:meth:`Editor.data_files`, e.g. ROME's covariance corpus). Hyper-parameters are a pydantic model per method
+with the paper's defaults.
 """
 
 from __future__ import annotations
@@ -46,11 +50,12 @@ class Edit:
     info: dict[str, float] = field(default_factory=dict)
 
     def __add__(self, other: "Edit") -> "Edit":
-        """Compose two edits (apply ``self`` then ``other``): deltas add up, steps add up."""
+        """Compose two edits (apply ``self`` then ``other``): deltas add up, steps add up, diagnostics are
+        merged (``other``'s win)."""
         deltas = dict(self.deltas)
         for n, d in other.deltas.items():
             deltas[n] = deltas[n] + d if n in deltas else d
-        return Edit(deltas, self.steps + other.steps)
+        return Edit(deltas, self.steps + other.steps, {**self.info, **other.info})
 
     def detach(self) -> "Edit":
         return Edit({n: d.detach() for n, d in self.deltas.items()}, self.steps, dict(self.info))
@@ -102,14 +107,35 @@ class Editor:
     modifies_base_model: ClassVar[bool] = False
     #: Metrics reported during ``fit`` (name -> "max"/"min"); empty for editors that do not train.
     validation_metrics: ClassVar[dict[str, str]] = {}
+    #: Model kinds (``EditableModel.kind``) the editor can edit; a sweep pairing it with another is refused.
+    supported_kinds: ClassVar[tuple[str, ...]] = ("causal", "seq2seq", "classifier")
 
-    def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None) -> None:
-        self.model = model
+    def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
+                 data_root: str | None = None) -> None:
         if hparams is None:
             hparams = self.Hparams()
         elif not isinstance(hparams, self.Hparams):
             hparams = self.Hparams(**dict(hparams))
         self.hparams = hparams
+        if model.kind not in self.supported_kinds:
+            raise ValueError(f"{self.name} edits {' / '.join(self.supported_kinds)} models; {model.name} is "
+                             f"{model.kind}")
+        chosen = self.select_weights(model, hparams)
+        self.model = model if chosen == list(model.edit_params) else model.with_edit_params(chosen)
+        #: Where :meth:`data_files` are resolved (``bench.data.resolve_file``): the sweep's data root.
+        self.data_root = data_root
+
+    @classmethod
+    def select_weights(cls, model: EditableModel, hparams: Hparams) -> list[str]:
+        """Names of the weights this editor changes on ``model``: by default the model's own choice (the family's
+        MLP weights of the last blocks, or the sweep's ``models[].edit_params`` globs)."""
+        return list(model.edit_params)
+
+    @classmethod
+    def data_files(cls, hparams: Mapping[str, Any]) -> list[str]:
+        """Files (relative to the data root) the editor reads besides the task's; shipped to cluster workers and
+        part of the trial's config digest. None by default."""
+        return []
 
     @classmethod
     def code_version(cls) -> str:
@@ -204,6 +230,39 @@ class Editor:
         self.load_state_dict(load_file(str(path / "editor.safetensors")))
 
 
+def gradient_factors(model: EditableModel, batch: EditBatch, deltas: Mapping[str, Tensor] | None = None
+                     ) -> dict[str, tuple[Tensor, Tensor]]:
+    """(u, delta) rows of every edited weight for the edit loss on ``batch`` at ``W (+ deltas, + applied)``: the
+    factors of the weight gradient, ``dL/dW = sum_i delta_i u_i^T`` (MEND's input; KE's gradient).
+
+    The loss is the sum over requests of each request's mean target-token NLL, so a batched edit equals the sum
+    of its requests' edits. u rows are the weight's inputs, delta rows the loss gradient w.r.t. its outputs;
+    rows where either is all zero (padding, positions after the target) are dropped. Only the edited modules'
+    outputs are differentiated: autograd stops at the lowest edited layer and forms no weight gradient.
+    """
+    from bench.losses import seq_logprob
+
+    modules = {n: n.rsplit(".", 1)[0] for n in model.edit_params}
+
+    def start_graph(name: str, out: Tensor) -> Tensor:
+        # The lowest edited layer(s) see outputs without a graph: the graph starts there.
+        return out if out.requires_grad else out.detach().requires_grad_()
+
+    with torch.enable_grad(), model.trace(list(dict.fromkeys(modules.values())), edit_output=start_graph) as io:
+        logits = model.logits(batch.inputs, None if deltas is None else {k: v.detach() for k, v in deltas.items()})
+        loss = -seq_logprob(logits, batch.labels).sum()
+        outs = [io[modules[n]].output for n in model.edit_params]
+        grads = torch.autograd.grad(loss, outs, allow_unused=True)
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    for n, g in zip(model.edit_params, grads):
+        d_in, d_out = model.io_dims(n)
+        u = io[modules[n]].input.detach().reshape(-1, d_in)
+        g = torch.zeros(u.shape[0], d_out, dtype=u.dtype, device=u.device) if g is None else g.reshape(-1, d_out)
+        keep = (u != 0).any(-1) & (g != 0).any(-1)
+        factors[n] = (u[keep], g[keep].detach())
+    return factors
+
+
 def weights_digest(model: EditableModel) -> str:
     """SHA-256 over every parameter's bytes, in name order: proves whether the base model changed."""
     h = hashlib.sha256()
@@ -247,8 +306,9 @@ class LearnedEditor(Editor):
         """How many validations a fit under ``budget`` makes at most: step 0, every ``val_every`` steps, the last."""
         return 1 + -(-budget.max_steps // budget.val_every)
 
-    def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None) -> None:
-        super().__init__(model, hparams)
+    def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
+                 data_root: str | None = None) -> None:
+        super().__init__(model, hparams, data_root)
         self.training = False
 
     def param_groups(self) -> list[dict[str, Any]]:

@@ -58,8 +58,9 @@ class ENN(LearnedEditor):
     modifies_base_model = True
     hparams: ENNHparams
 
-    def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None) -> None:
-        super().__init__(model, hparams)
+    def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
+                 data_root: str | None = None) -> None:
+        super().__init__(model, hparams, data_root)
         self.steps = _StepSizes(len(model.edit_params), self.hparams.inner_lr).to(model.device)
         self.base = _BaseWeights(model)
         # The original editable weights, for the c_base anchor (allocated when training starts).

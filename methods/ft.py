@@ -94,8 +94,8 @@ class FTKL(FT):
     uses_training_data_at_edit_time = True
     hparams: FTKLHparams
 
-    def __init__(self, model, hparams=None) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(model, hparams)
+    def __init__(self, model, hparams=None, data_root=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(model, hparams, data_root)
         self.pool: list[EditRecord] = []
         self._loc: tuple[EditBatch, Tensor, Tensor] | None = None
 

@@ -21,8 +21,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from bench.data import EditBatch
 from bench.models import EditableModel
-from methods.base import Edit, Hparams, LearnedEditor, LearnedHparams
-from methods.mend import capture_factors
+from methods.base import Edit, Hparams, LearnedEditor, LearnedHparams, gradient_factors
 
 
 class KEHparams(LearnedHparams):
@@ -78,8 +77,9 @@ class KE(LearnedEditor):
     Hparams = KEHparams
     hparams: KEHparams
 
-    def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None) -> None:
-        super().__init__(model, hparams)
+    def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
+                 data_root: str | None = None) -> None:
+        super().__init__(model, hparams, data_root)
         hp = self.hparams
         emb = model.model.get_input_embeddings().weight
         self.conditioner = LSTMConditioner(emb, hp.hidden_dim, hp.condition_dim).to(model.device)
@@ -105,7 +105,7 @@ class KE(LearnedEditor):
             c_all = self.condition(batch)
         for i in range(len(batch)):
             one = EditBatch({k: v[i : i + 1] for k, v in batch.inputs.items()}, batch.labels[i : i + 1])
-            grads = {n: self.model.outer(u, d) for n, (u, d) in capture_factors(self.model, one).items()}
+            grads = {n: self.model.outer(u, d) for n, (u, d) in gradient_factors(self.model, one).items()}
             with torch.set_grad_enabled(self.training):
                 for n in self.model.edit_params:
                     dw = self.params[n.replace(".", "__")](c_all[i : i + 1], grads[n])

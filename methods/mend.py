@@ -22,9 +22,8 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from bench.data import EditBatch
-from bench.losses import seq_logprob
 from bench.models import EditableModel
-from methods.base import Edit, Hparams, LearnedEditor, LearnedHparams
+from methods.base import Edit, Hparams, LearnedEditor, LearnedHparams, gradient_factors
 from methods.nets import LowRankMLP, RunningNorm
 
 
@@ -96,47 +95,6 @@ class _Alphas(nn.Module):
         self.alpha = nn.Parameter(torch.full((n,), float(init)))
 
 
-def capture_factors(model: EditableModel, batch: EditBatch, deltas: Mapping[str, Tensor] | None = None
-                    ) -> dict[str, tuple[Tensor, Tensor]]:
-    """(u, delta) rows of every edited weight for the edit loss on ``batch`` at ``W (+ deltas)``.
-
-    The loss is the sum over requests of each request's mean target-token NLL, so a batched edit equals the sum
-    of its requests' edits. u rows are the weight's inputs, delta rows the loss gradient w.r.t. its outputs;
-    rows where either is all zero (padding, positions after the target) are dropped. Only the edited modules'
-    outputs are differentiated: autograd stops at the lowest edited layer and forms no weight gradient.
-    """
-    store: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def hook(name: str):  # type: ignore[no-untyped-def]
-        def fn(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
-            if not out.requires_grad:  # lowest edited layer(s): start the graph here
-                out = out.detach().requires_grad_()
-            store[name] = (inp[0].detach(), out)
-            return out
-
-        return fn
-
-    handles = [model.module_of(n).register_forward_hook(hook(n)) for n in model.edit_params]
-    try:
-        with torch.enable_grad():
-            logits = model.logits(batch.inputs, None if deltas is None else {k: v.detach() for k, v in deltas.items()})
-            loss = -seq_logprob(logits, batch.labels).sum()
-            outs = [store[n][1] for n in model.edit_params]
-            grads = torch.autograd.grad(loss, outs, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    factors: dict[str, tuple[Tensor, Tensor]] = {}
-    for n, g in zip(model.edit_params, grads):
-        u = store[n][0]
-        d_in, d_out = model.io_dims(n)
-        u = u.reshape(-1, d_in)
-        g = torch.zeros(u.shape[0], d_out, dtype=u.dtype, device=u.device) if g is None else g.reshape(-1, d_out)
-        keep = (u != 0).any(-1) & (g != 0).any(-1)
-        factors[n] = (u[keep], g[keep].detach())
-    return factors
-
-
 class MEND(LearnedEditor):
     """MEND with the paper's defaults and its ablation flags (see :class:`MENDHparams`)."""
 
@@ -144,8 +102,9 @@ class MEND(LearnedEditor):
     Hparams = MENDHparams
     hparams: MENDHparams
 
-    def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None) -> None:
-        super().__init__(model, hparams)
+    def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
+                 data_root: str | None = None) -> None:
+        super().__init__(model, hparams, data_root)
         hp = self.hparams
         groups: "OrderedDict[str, list[str]]" = OrderedDict()
         for n in model.edit_params:
@@ -190,7 +149,7 @@ class MEND(LearnedEditor):
         return out
 
     def edit(self, batch: EditBatch) -> Edit:
-        factors = capture_factors(self.model, batch)
+        factors = gradient_factors(self.model, batch)
         with torch.set_grad_enabled(self.training):
             pseudo = self.transform(factors)
             deltas = {n: -self.alphas.alpha[i] * self.model.outer(*pseudo[n])

@@ -17,7 +17,7 @@ from bench.data import edit_batch
 from bench.metrics import evaluate
 from bench.models import load_model
 from methods import REGISTRY, Budget
-from methods.mend import capture_factors
+from methods.base import gradient_factors
 from tests.test_mend import _autograd_weight_grads
 
 DEV = os.environ.get("EDITBENCH_TEST_DEVICE", "cuda")
@@ -48,7 +48,7 @@ def test_factorised_gradient_on_cuda_equals_autograd(alias: str, zsre) -> None:
         recs = [replace(r, label=i % 2, loc_label=(i + 1) % 2) for i, r in enumerate(recs)]
     batch = edit_batch(m, recs)
     assert batch.labels.device.type == DEV
-    factors = capture_factors(m, batch)
+    factors = gradient_factors(m, batch)
     ref = _autograd_weight_grads(m, batch)
     for n in m.edit_params:
         u, d = factors[n]

@@ -12,7 +12,8 @@ from bench.losses import seq_logprob
 from bench.models import load_model
 from methods import Budget
 from methods.base import weights_digest
-from methods.mend import MEND, MENDHparams, capture_factors
+from methods.base import gradient_factors
+from methods.mend import MEND, MENDHparams
 from methods.nets import LowRankMLP, RunningNorm
 from tests.conftest import tiny
 
@@ -35,7 +36,7 @@ def test_factorised_gradient_equals_autograd_with_padding(gen_model, zsre) -> No
     batch = edit_batch(m, recs)
     pads = [v for k, v in batch.inputs.items() if k.endswith("attention_mask")]
     assert any((v == 0).any() for v in pads)
-    factors = capture_factors(m, batch)
+    factors = gradient_factors(m, batch)
     ref = _autograd_weight_grads(m, batch)
     for n in m.edit_params:
         u, d = factors[n]
@@ -191,7 +192,7 @@ def test_edit_is_stateless(zsre) -> None:
 def test_classifier_edit_factorisation() -> None:
     m = tiny("tiny-bert")
     batch = collate(m, ["a short claim", "a somewhat longer claim about things"], [1, 0])
-    factors = capture_factors(m, batch)
+    factors = gradient_factors(m, batch)
     ref = _autograd_weight_grads(m, batch)
     for n in m.edit_params:
         g = m.outer(*factors[n])

@@ -1,0 +1,64 @@
+"""A keyed on-disk cache for anything expensive that is a pure function of its inputs.
+
+Location: ``$EDITBENCH_CACHE`` when set, else the user cache dir (``platformdirs``). Entries live under
+``<root>/<namespace>/<key>.<suffix>``; the key is a digest of a JSON-able description of every input (see
+:func:`key_of`), so a change of any input is a new entry and an old entry is never served for new inputs.
+Writes are atomic (a reader never sees half a file), so concurrent trials may share one cache.
+
+Used for converted and prepared base models, generated targets and editor statistics (ROME/MEMIT's key
+second moments).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def cache_root() -> Path:
+    """Where cached files live: ``$EDITBENCH_CACHE``, else the user cache dir."""
+    env = os.environ.get("EDITBENCH_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("editbench"))
+
+
+def key_of(inputs: Any, n: int = 32) -> str:
+    """``n`` hex digits of sha256 over the canonical JSON of ``inputs`` (keys sorted; non-JSON values by str)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def path_for(namespace: str, key: str, suffix: str) -> Path:
+    """The file of entry ``key`` in ``namespace`` (it may not exist yet)."""
+    if not namespace or "/" in namespace or namespace.startswith("."):
+        raise ValueError(f"cache namespace {namespace!r} must be one non-empty folder name")
+    return cache_root() / namespace / f"{key}.{suffix.lstrip('.')}"
+
+
+def cached(namespace: str, inputs: Any, suffix: str, compute: Callable[[], T], save: Callable[[T, Path], None],
+           load: Callable[[Path], T]) -> tuple[T, bool]:
+    """The value for ``inputs``: loaded from the cache when present, else computed, stored atomically and
+    returned. Returns ``(value, hit)``; ``hit`` says whether the cache served it (no computation ran)."""
+    path = path_for(namespace, key_of(inputs), suffix)
+    if path.exists():
+        try:
+            return load(path), True
+        except Exception as e:  # a corrupt entry is recomputed, not fatal
+            log.warning("cache entry %s unreadable (%s); recomputing", path, e)
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save(value, tmp)
+    os.replace(tmp, path)
+    path.with_name(f"{path.stem}.inputs.json").write_text(json.dumps(inputs, sort_keys=True, default=str, indent=1))
+    return value, False

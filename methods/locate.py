@@ -1,0 +1,351 @@
+"""Shared pieces of the locate-then-edit editors ROME (Meng et al. 2022) and MEMIT (Meng et al. 2023), after the
+authors' code (kmeng01/rome, kmeng01/memit): context templates, the subject's last token, keys (MLP
+projection inputs) averaged over templates, the value optimisation (v* / z), and the second moment of keys
+C = E[k k^T] over a text corpus, cached on disk.
+
+Everything runs through :class:`~bench.models.EditableModel` (``trace``/``capture``/``logits``), so it sees the
+model as already edited (``applied``) in sequential editing and never mutates a weight. Neither editor imports
+the other: both import this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from pydantic import Field, PositiveInt, conlist, field_validator
+from torch import Tensor
+
+from bench.data import DataError, EditBatch, EditRecord, collate, resolve_file, stack_batches
+from bench.models import EditableModel, StopForward
+from methods.base import Hparams
+
+log = logging.getLogger(__name__)
+
+
+class LocateHparams(Hparams):
+    """The value optimisation and covariance settings both papers share (ROME's GPT-2 XL / GPT-J values)."""
+
+    layers: list[int] | None = Field(default=None, description="edited blocks; None: the model's default")
+    v_num_grad_steps: PositiveInt = 20
+    v_lr: float = Field(default=0.5, gt=0)
+    v_weight_decay: float = Field(default=0.5, ge=0)
+    clamp_norm_factor: float = Field(default=4.0, gt=0)
+    kl_factor: float = Field(default=0.0625, ge=0)
+    context_lengths: list[conlist(PositiveInt, min_length=2, max_length=2)] = Field(
+        default=[[5, 10], [10, 10]], description="(tokens, count) of the random prefixes averaged over; [] for the "
+                                                 "bare prompt alone")
+    context_starts: list[str] | None = Field(default=None, description="texts the prefixes are sampled after; "
+                                             "None: the method's (ROME: <|endoftext|>; MEMIT: The, Therefore, ...)")
+    template_seed: int = 0
+    mom2_corpus: str = Field(default="wikitext/wiki2_valid.txt",
+                             description="text file (relative to the data root) the key second moment is taken on")
+    mom2_n_tokens: PositiveInt = Field(default=100_000, description="corpus tokens in the second moment")
+    mom2_seq_len: PositiveInt = 256
+
+    # In a sweep file a list is a grid axis: ``layers: [5, 8]`` runs layer 5 and layer 8, and a band is written
+    # ``layers: [[3, 4, 5]]``; likewise ``context_lengths: [[10, 5]]`` is one setting of one (length, count) pair.
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _one_layer(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("context_lengths", mode="before")
+    @classmethod
+    def _one_pair(cls, v: Any) -> Any:
+        return [v] if isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v) else v
+
+
+#: ROME's edited block per model (kmeng01/rome hparams/ROME/*.json) and this suite's measured choice for
+#: SmolLM2-135M (see ``methods/rome.py``); MEMIT's default band ends there.
+DEFAULT_LAYER: dict[str, int] = {"gpt2-medium": 8, "gpt2-large": 12, "gpt2-xl": 17, "EleutherAI/gpt-j-6B": 5,
+                                 "smollm2-135m": 5}
+
+
+def default_layer(model: EditableModel) -> int:
+    """ROME's layer for the paper's models, the suite's measured choice for SmolLM2, else 30% of the depth (the
+    paper's GPT-2 XL fraction, 17 of 48)."""
+    if model.name in DEFAULT_LAYER:
+        return DEFAULT_LAYER[model.name]
+    return int(round(0.3 * (model.n_layers - 1)))
+
+
+def require_causal(model: EditableModel, method: str) -> None:
+    """Locate-then-edit methods need a decoder-only model with a block / MLP table entry."""
+    if model.kind != "causal" or not model.spec.mlp_out:
+        raise ValueError(f"{method} edits decoder-only (causal) models; {model.name} is {model.kind} "
+                         f"({model.family})")
+
+
+# ------------------------------------------------------------------------------------------- prompts
+
+
+def context_templates(model: EditableModel, hp: LocateHparams, starts: Sequence[str]) -> list[str]:
+    """``"{}"`` plus, for each (length, count), ``count`` texts sampled (top-5, seeded by ``template_seed``) from
+    the UNEDITED model after each start text (``hp.context_starts`` when set), ``length`` tokens in all, each
+    followed by ``". {}"``."""
+    starts = hp.context_starts or starts
+    tok = model.tokenizer
+    gen = torch.Generator().manual_seed(hp.template_seed)
+    out = ["{}"]
+    for length, count in hp.context_lengths:
+        per = [s for s in starts for _ in range(max(1, count // len(starts)))][:count]
+        ids = [tok(s, add_special_tokens=False)["input_ids"] for s in per]
+        width = max(len(i) for i in ids)
+        seqs = [i + [tok.pad_token_id] * (width - len(i)) for i in ids]
+        lens = [len(i) for i in ids]
+        with torch.no_grad():
+            while min(lens) < length:
+                x = torch.tensor(seqs, device=model.device)
+                att = torch.tensor([[1] * n + [0] * (len(s) - n) for s, n in zip(seqs, lens)], device=model.device)
+                logits = model.model(input_ids=x, attention_mask=att).logits  # the base module: never edited
+                last = logits[torch.arange(len(seqs)), torch.tensor(lens) - 1].float().softmax(-1).cpu()
+                top = last.topk(5, dim=-1)
+                pick = torch.multinomial(top.values, 1, generator=gen).squeeze(-1)
+                nxt = top.indices[torch.arange(len(seqs)), pick].tolist()
+                for r, t in enumerate(nxt):
+                    if lens[r] < length:
+                        if lens[r] == len(seqs[r]):
+                            for s in seqs:
+                                s.append(tok.pad_token_id)
+                        seqs[r][lens[r]] = t
+                        lens[r] += 1
+        for s, n in zip(seqs, lens):
+            text = tok.decode(s[:n], skip_special_tokens=True).replace("{", " ").replace("}", " ")
+            out.append(text.strip() + ". {}")
+    return out
+
+
+def default_starts(model: EditableModel) -> list[str]:
+    """ROME samples its prefixes after ``<|endoftext|>``; models without that token start from their BOS/EOS."""
+    tok = model.tokenizer
+    vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
+    if "<|endoftext|>" in vocab:
+        return ["<|endoftext|>"]
+    return [tok.bos_token or tok.eos_token or "The"]
+
+
+def subject_bounds(record: EditRecord) -> tuple[int, int]:
+    """Character span of the record's subject in its prompt (first occurrence; case-insensitive when the exact
+    case does not occur). Refuses records without a subject or whose prompt does not contain it."""
+    subj = (record.subject or "").strip()
+    if not subj:
+        raise DataError(f"record {record.case_id}: ROME/MEMIT need the record's subject (dataset field "
+                        f"'subject'); this record has none")
+    at = record.prompt.find(subj)
+    if at < 0:
+        at = record.prompt.lower().find(subj.lower())
+    if at < 0:
+        raise DataError(f"record {record.case_id}: subject {subj!r} does not occur in the prompt "
+                        f"{record.prompt!r}")
+    return at, at + len(subj)
+
+
+def _n_tokens(model: EditableModel, text: str) -> int:
+    return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def lookup_index(model: EditableModel, template: str, record: EditRecord) -> int:
+    """Position of the subject's last token in ``template.format(record.prompt)`` (ROME's "subject_last")."""
+    _, end = subject_bounds(record)
+    prefix = template.split("{}")[0]
+    return _n_tokens(model, prefix + record.prompt[:end]) - 1
+
+
+# ------------------------------------------------------------------------------------------- keys
+
+
+def keys_at(model: EditableModel, module: str, records: Sequence[EditRecord], templates: Sequence[str],
+            deltas: dict[str, Tensor] | None = None) -> Tensor:
+    """(n_records, d_in): the input of ``module`` at the subject's last token, averaged over ``templates``
+    (ROME's k* / MEMIT's compute_ks), in the model as edited by ``applied`` (+ ``deltas``)."""
+    prompts = [t.format(r.prompt) for r in records for t in templates]
+    idx = [lookup_index(model, t, r) for r in records for t in templates]
+    enc = _encode(model, prompts)
+    k = model.capture(enc, [module], deltas)[module].input
+    rows = k[torch.arange(len(prompts), device=k.device), torch.tensor(idx, device=k.device)]
+    return rows.reshape(len(records), len(templates), -1).mean(1)
+
+
+def io_at(model: EditableModel, module: str, records: Sequence[EditRecord],
+          deltas: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """(inputs, outputs) of ``module`` at the subject's last token of each bare prompt, one row per record."""
+    enc = _encode(model, [r.prompt for r in records])
+    idx = torch.tensor([lookup_index(model, "{}", r) for r in records], device=model.device)
+    io = model.capture(enc, [module], deltas)[module]
+    rows = torch.arange(len(records), device=model.device)
+    return io.input[rows, idx], io.output[rows, idx]
+
+
+def _encode(model: EditableModel, texts: Sequence[str]) -> dict[str, Tensor]:
+    """Right-padded ids and mask, tokenised as :func:`bench.data.collate` tokenises prompts (no special tokens)."""
+    tok = model.tokenizer
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(i) for i in ids)
+    x = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+    m = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, i in enumerate(ids):
+        x[r, : len(i)] = torch.tensor(i)
+        m[r, : len(i)] = 1
+    return {"input_ids": x.to(model.device), "attention_mask": m.to(model.device)}
+
+
+# ------------------------------------------------------------------------------------------- values
+
+
+@dataclass
+class ValueResult:
+    """The optimised representation (``target_init + delta``) at the subject's last token, per record, with the
+    initial one and the optimisation's last losses."""
+
+    target: Tensor
+    init: Tensor
+    nll: float
+    steps: int
+
+
+def optimise_value(model: EditableModel, module: str, record: EditRecord, templates: Sequence[str],
+                   hp: LocateHparams) -> ValueResult:
+    """ROME's compute_v / MEMIT's compute_z for one request: a vector delta added to ``module``'s output at the
+    subject's last token of every prompt (each template + the prompt, and the "essence" prompt
+    "{subject} is a") is optimised with Adam (``v_lr``, ``v_num_grad_steps``, early stop below a loss of 0.05) to
+    minimise the mean target NLL over the templates + ``kl_factor`` * KL(p_now || p_start) of the next token
+    after the subject in the essence prompt + ``v_weight_decay`` * ||delta|| / ||v_init||^2 (the authors' form),
+    with ||delta|| kept below ``clamp_norm_factor`` * ||v_init||. Runs on the model as already edited."""
+    rewrite = collate(model, [t.format(record.prompt) for t in templates], [record.target] * len(templates))
+    at, end = subject_bounds(record)
+    subj = record.prompt[at:end]
+    essence = collate(model, [f"{subj} is"], ["a"])
+    batch: EditBatch = stack_batches(rewrite, essence, model.tokenizer.pad_token_id)
+    idx = [lookup_index(model, t, record) for t in templates] + [_n_tokens(model, subj) - 1]
+    rows = torch.arange(len(idx), device=model.device)
+    idx_t = torch.tensor(idx, device=model.device)
+    n_rw = len(templates)
+    labels = batch.labels[:n_rw]
+    mask = (labels != -100).float()
+    delta: Tensor | None = None
+    init: Tensor | None = None
+    kl_init: Tensor | None = None
+
+    def add_delta(name: str, out: Tensor) -> Tensor:
+        nonlocal init
+        if init is None:
+            init = out[0, idx[0]].detach().clone()
+        if delta is None:
+            return out
+        bump = torch.zeros_like(out)
+        bump[rows, idx_t] = delta.to(out.dtype)
+        return out + bump
+
+    # Only the logits at the target positions (rewrites) and after the subject (essence) are needed: the head
+    # runs on those alone (``logits_at``).
+    t_rows, t_cols = (labels != -100).nonzero(as_tuple=True)
+    t_labels = labels[t_rows, t_cols]
+    e_rows = torch.arange(n_rw, len(idx), device=model.device)
+    all_rows, all_cols = torch.cat([t_rows, e_rows]), torch.cat([t_cols, idx_t[n_rw:]])
+    n_tok = mask.sum(1).clamp(min=1)
+
+    def losses() -> tuple[Tensor, Tensor]:
+        logits = model.logits_at(batch.inputs, all_rows, all_cols).float()
+        lp = torch.log_softmax(logits[: len(t_rows)], -1).gather(-1, t_labels.unsqueeze(-1)).squeeze(-1)
+        nll_each = -torch.zeros(n_rw, device=lp.device, dtype=lp.dtype).index_add(0, t_rows, lp) / n_tok
+        return nll_each.mean(), torch.log_softmax(logits[len(t_rows):], -1)
+
+    # First pass (no delta): v_init and the essence prompt's starting distribution.
+    with torch.no_grad(), model.trace([module], edit_output=add_delta):
+        _, kl_init = losses()
+    assert init is not None
+    delta = torch.zeros(init.shape[-1], device=model.device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    max_norm = hp.clamp_norm_factor * init.norm()
+    nll_val, it = float("nan"), 0
+    for it in range(hp.v_num_grad_steps):
+        opt.zero_grad()
+        with torch.enable_grad(), model.trace([module], edit_output=add_delta):
+            nll_loss, kl_lp = losses()
+            kl = hp.kl_factor * torch.nn.functional.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
+            decay = hp.v_weight_decay * (delta.norm() / init.norm() ** 2)
+            loss = nll_loss + kl + decay
+        nll_val = float(nll_loss.detach())
+        if float(loss.detach()) < 5e-2 or it == hp.v_num_grad_steps - 1:
+            break
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+    return ValueResult(target=(init + delta).detach(), init=init, nll=nll_val, steps=it)
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def second_moment(model: EditableModel, module: str, hp: LocateHparams, data_root: str | None) -> tuple[Tensor, bool]:
+    """E[k k^T] (float64, d_in x d_in) of ``module``'s input over the first ``mom2_n_tokens`` tokens of
+    ``mom2_corpus`` in windows of ``mom2_seq_len`` tokens, on the UNEDITED model; cached on disk under the
+    model name and weights digest, module, corpus content, token count and window. Returns (C, cache hit)."""
+    from safetensors.torch import load_file, save_file
+
+    from bench.cache import cached
+    from bench.data import file_sha256, read_text
+    from methods.base import weights_digest
+
+    path = resolve_file(hp.mom2_corpus, data_root)
+    if "weights_sha256" not in model.meta:
+        model.meta["weights_sha256"] = weights_digest(model)
+    inputs = {"stat": "mom2", "model": model.name, "weights": model.meta["weights_sha256"], "module": module,
+              "corpus": file_sha256(path), "n_tokens": hp.mom2_n_tokens, "seq_len": hp.mom2_seq_len}
+
+    def compute() -> Tensor:
+        t0 = time.time()
+        ids = model.tokenizer(read_text(path), add_special_tokens=False)["input_ids"][: hp.mom2_n_tokens]
+        if len(ids) < hp.mom2_n_tokens:
+            log.warning("%s holds %d tokens, fewer than mom2_n_tokens=%d; using all", path, len(ids),
+                        hp.mom2_n_tokens)
+        L = hp.mom2_seq_len
+        windows = [ids[i : i + L] for i in range(0, len(ids), L)]
+        acc: Tensor | None = None
+        n = 0
+        order = {m: i for i, (m, _) in enumerate(model.model.named_modules())}
+        assert module in order, module
+        for b in range(0, len(windows), 8):
+            chunk = windows[b : b + 8]
+            enc = _encode_ids(model, chunk)
+            with torch.no_grad(), model.trace([module], stop_after=module) as io:
+                try:
+                    model.model(**enc)  # the base module: the statistics of the unedited model
+                except StopForward:  # ends the pass after the module: the layers above are not run
+                    pass
+            k = io[module].input[enc["attention_mask"].bool()].double()
+            acc = k.T @ k if acc is None else acc + k.T @ k
+            n += k.shape[0]
+        assert acc is not None
+        log.info("second moment of %s over %d tokens of %s in %.1fs", module, n, path.name, time.time() - t0)
+        return acc / n
+
+    return cached("stats", inputs, "safetensors", compute,
+                  lambda v, p: save_file({"mom2": v.cpu().contiguous()}, str(p)),
+                  lambda p: load_file(str(p))["mom2"].to(model.device))
+
+
+def _encode_ids(model: EditableModel, rows: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+    width = max(len(r) for r in rows)
+    x = torch.full((len(rows), width), model.tokenizer.pad_token_id, dtype=torch.long)
+    m = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        x[i, : len(r)] = torch.tensor(list(r))
+        m[i, : len(r)] = 1
+    return {"input_ids": x.to(model.device), "attention_mask": m.to(model.device)}
+
+
+def as_weight(model: EditableModel, name: str, upd_out_in: Tensor) -> Tensor:
+    """An update computed as (out, in) laid out like the stored weight ((in, out) for GPT-2's Conv1D)."""
+    w = dict(model.model.named_parameters())[name]
+    upd = upd_out_in.T if model.conv1d else upd_out_in
+    if upd.shape != w.shape:
+        raise ValueError(f"update of shape {tuple(upd.shape)} does not fit {name} {tuple(w.shape)}")
+    return upd.to(w.dtype)
