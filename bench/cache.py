@@ -60,5 +60,6 @@ def cached(namespace: str, inputs: Any, suffix: str, compute: Callable[[], T], s
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save(value, tmp)
     os.replace(tmp, path)
-    path.with_name(f"{path.stem}.inputs.json").write_text(json.dumps(inputs, sort_keys=True, default=str, indent=1))
+    # What the entry was computed from, beside it (for a reader; never read back).
+    path.with_name(f"{path.name}.inputs.txt").write_text(json.dumps(inputs, sort_keys=True, default=str, indent=1))
     return value, False

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from bench.cli import ECHO_LIMIT, clip, cut
 from bench.data import DataError, file_sha256, load_card, load_task, resolve_file, split_overlaps
 from bench.models import ModelSpecError, model_kind_hint, resolve_model_source
-from methods import REGISTRY
+from methods import REGISTRY, Budget
 
 
 class SweepError(ValueError):
@@ -141,22 +141,36 @@ class DatasetEntry(_Strict):
         default="local", description="local: files under the data root; public: the card's public URLs (internet)")
 
 
-class BudgetEntry(_Strict):
-    """Training budget for learned editors (see methods.base.Budget)."""
+class TrialSpec(_Strict):
+    """One concrete trial, from :func:`plan` / :func:`trials` to ``bench.trial.run_trial`` (it travels through Ray
+    as ``model_dump()`` and is validated again on the worker)."""
 
-    max_steps: PositiveInt = 1000
-    max_seconds: float | None = Field(default=None, gt=0)
-    val_every: PositiveInt = 50
-    val_edits: PositiveInt = 50
-    patience: PositiveInt = 5
-    batch_size: PositiveInt = 1
-    grad_accum: PositiveInt = 1
+    method: str
+    method_label: str
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    tuned: dict[str, dict[str, Any]] = Field(default_factory=dict, description="search spaces (TuneSpec dicts)")
+    sampled: dict[str, Any] = Field(default_factory=dict, description="values drawn from ``tuned``")
+    budget: Budget = Field(default_factory=Budget)
+    model: ModelEntry
+    dataset: DatasetEntry
+    data_files: dict[str, str] = Field(default_factory=dict, description="file key -> sha256 (or url)")
+    seed: int = 0
+    edit_batch_size: PositiveInt = 1
+    edit_mode: Literal["independent", "sequential"] = "independent"
+    checkpoints: list[PositiveInt] | None = None
+    n_edits: PositiveInt
+    data_root: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    retrain: bool = False
+    run_name: str
+    config_digest: str | None = None
+    shipped_data: bool = False
 
 
 class MethodEntry(_Strict):
     name: str
     hparams: dict[str, Any] = Field(default_factory=dict)
-    budget: BudgetEntry = Field(default_factory=BudgetEntry)
+    budget: Budget = Field(default_factory=Budget)
     label: str | None = Field(default=None, description="display name when one method appears twice")
 
     @field_validator("name")
@@ -395,8 +409,8 @@ def ship_data(sweep: Sweep, todo: list[dict[str, Any]]) -> tuple[dict[str, bytes
 
 
 def plan(sweep: Sweep) -> list[dict[str, Any]]:
-    """All grid points of the sweep, each a JSON-able trial spec. Search-space hyper-parameters appear under
-    ``tuned`` as TuneSpec dicts; :func:`trials` draws their values."""
+    """All grid points of the sweep, each a validated :class:`TrialSpec` as a JSON-able dict. Search-space
+    hyper-parameters appear under ``tuned`` as TuneSpec dicts; :func:`trials` draws their values."""
     points: list[dict[str, Any]] = []
     fingerprints = {i: data_files(ds, sweep.data_root) for i, ds in enumerate(sweep.datasets)}
     for m in sweep.methods:
@@ -409,7 +423,7 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
             seq = "/seq" if mode == "sequential" else ""
             extra_files = {f"editor:{rel}": file_sha256(resolve_file(rel, sweep.data_root))
                            for rel in REGISTRY[m.name].data_files(hp)}
-            points.append(
+            points.append(TrialSpec.model_validate(
                 {
                     "method": m.name,
                     "method_label": label,
@@ -429,7 +443,7 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
                     "retrain": sweep.retrain,
                     "run_name": f"{label}/{model.name}/{ds.name}/bs{bs}{seq}/s{seed}/{digest({**hp, **tuned_specs})}",
                 }
-            )
+            ).model_dump())
     return points
 
 
@@ -492,8 +506,6 @@ def trials(sweep: Sweep, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _check_scheduler(sweep: Sweep, source: str) -> None:
     """A scheduler needs a metric that learned editors report at each validation, in its better direction, at
     least one method that reports it, and a ``max_t`` that lets a full fit end with its evaluation."""
-    from methods import Budget
-
     sc = sweep.scheduler
     if sc is None:
         return
@@ -513,7 +525,7 @@ def _check_scheduler(sweep: Sweep, source: str) -> None:
         raise SweepError(f"{source}: scheduler: no method here reports {sc.metric} ({silent} never do: they do not "
                          f"train); add a learned editor ({learned}) or remove the scheduler")
     for i, m in reporting:
-        b = Budget(**m.budget.model_dump())
+        b = m.budget
         need = REGISTRY[m.name].reports_per_fit(b) + 1  # + the final evaluation's report
         if sc.max_t < need:
             raise SweepError(f"{source}: scheduler.max_t ({sc.max_t}) is below the {need} reports of methods.{i} "

@@ -59,8 +59,11 @@ def generate(model: Any, prompt: str, deltas: Mapping[str, Tensor] | None, max_n
     return tok.decode(ids[0, n0:], skip_special_tokens=True).strip()
 
 
-def load_editor_from_run(uri: str, run_id: str) -> tuple[Any, Any]:
-    """(EditableModel, editor) rebuilt from an MLflow trial run and its ``editor`` checkpoint artifact."""
+def load_editor_from_run(uri: str, run_id: str, chain: list[tuple[str, str]] | None = None,
+                         subject: str | None = None) -> tuple[Any, Any]:
+    """(EditableModel, editor) rebuilt from an MLflow trial run and its ``editor`` checkpoint artifact. For
+    editors that locate a subject (``needs_subject``: ROME, MEMIT), ``subject`` must be given and occur in every
+    prompt of ``chain`` (checked before any weight is loaded)."""
     from mlflow.exceptions import MlflowException
 
     from bench.models import load_model
@@ -78,11 +81,29 @@ def load_editor_from_run(uri: str, run_id: str) -> tuple[Any, Any]:
     if "method_class" not in p:
         raise EditCliError(f"run {run_id} is not a trial run (no method param)")
     cls = get_editor(p["method_class"])
-    hparams = {k[len("hparams."):]: v for k, v in p.items() if k.startswith("hparams.")}
+    import ast
+
+    def typed(v: str) -> Any:  # logged as str(value): numbers, booleans and lists (ROME's layers) are literals
+        try:
+            return ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            return v
+
+    hparams = {k[len("hparams."):]: typed(v) for k, v in p.items() if k.startswith("hparams.")}
     edit_params = p.get("edit_params", "").split(",") if p.get("edit_params") else None
     has_ckpt = any(a.path == "editor" for a in c.list_artifacts(run_id))
     if cls.requires_training and not has_ckpt:
         raise EditCliError(f"run {run_id} ({p['method_class']}) has no editor checkpoint artifact to load")
+    if cls.needs_subject and chain is not None:
+        from bench import cli
+
+        if not subject:
+            raise EditCliError(f"--subject: {cls.name} needs the subject of the edit (the words of --prompt it is "
+                               f"about, e.g. --subject 'UK')")
+        lost = [pr for pr, _ in chain if subject.lower() not in pr.lower()]
+        if lost:
+            raise EditCliError(f"--subject {cli.clip(subject)} does not occur in {cli.clip(lost[0])}; every edited "
+                               f"prompt must contain it")
     if cls.uses_training_data_at_edit_time:
         raise EditCliError(f"run {run_id}: {p['method_class']} needs training data at edit time; use ft or a "
                            "learned editor's run")
@@ -119,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--then", action="append", default=[], metavar="PROMPT=TARGET",
                     help="a further edit, in order (repeatable)")
     ap.add_argument("--subject", default=None,
-                    help="the subject the prompt is about (ROME/MEMIT locate it in every prompt of the chain)")
+                    help="the subject the prompt is about (ROME/MEMIT locate it in every prompt of the chain); "
+                         "default: none (needed by rome and memit runs)")
     ap.add_argument("--tracking-uri", default=None, help="MLflow store; default: sqlite:///./mlruns.db")
     ap.add_argument("--max-new-tokens", type=int, default=20, help="greedy tokens generated per output")
     ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
@@ -142,21 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     try:
         uri = check_tracking_uri(args.tracking_uri or default_tracking_uri(), must_exist=True, writable=False)
-        model, editor = load_editor_from_run(uri, args.run)
+        model, editor = load_editor_from_run(uri, args.run, chain, args.subject)
         if model.kind == "classifier":
             n = max(2, int(getattr(model.model.config, "num_labels", 2)))
             bad = [t for _, t in chain if not t.strip().isdigit() or int(t) >= n]
             if bad:
                 raise EditCliError(f"--target {cli.clip(bad[0])}: this run's model is a classifier; give a label "
                                    f"id 0..{n - 1}")
-        if type(editor).name in ("rome", "memit"):
-            if not args.subject:
-                raise EditCliError(f"--subject: {type(editor).name} needs the subject of the edit (the words of "
-                                   f"--prompt it is about, e.g. --subject 'UK')")
-            lost = [p for p, _ in chain if args.subject.lower() not in p.lower()]
-            if lost:
-                raise EditCliError(f"--subject {cli.clip(args.subject)} does not occur in {cli.clip(lost[0])}; "
-                                   f"every edited prompt must contain it")
     except (EditCliError, TrackingError) as e:
         return cli.report_user_error(e, args.verbose)
     shown = [args.prompt, *args.probe, *[p for p, _ in chain[1:]]]

@@ -21,28 +21,16 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from bench.data import EditRecord, collate, edit_batch, spaced
+from bench.data import EditBatch, EditRecord, collate, edit_batch, spaced
 from bench.losses import argmax_agreement, argmax_scores, per_seq_kl, perplexity, seq_logprob
 from bench.models import EditableModel
+from bench.schema import STYLES, WITH_CI  # per-edit metric -> style, and those with CIs: declared once there
 
 log = logging.getLogger(__name__)
-
-# Aggregated metric -> style label (logged as MLflow tags and shown in reports).
-STYLES: dict[str, str] = {
-    "es": "mend", "edit_acc": "mend", "loc_acc_pre": "mend", "loc_acc_post": "mend", "drawdown": "mend",
-    "es_pre": "mend", "ppl_pre": "mend", "ppl_post": "mend",
-    "token_acc_edit": "easyedit", "token_acc_rephrase": "easyedit", "loc_agree": "easyedit", "loc_kl": "easyedit",
-    "efficacy": "rome", "paraphrase": "rome", "neighbourhood": "rome",
-    "edit_time_s": "cost", "edit_steps": "cost", "edit_peak_mem_mb": "cost",
-}
-# Aggregates that get a `<name>_ci95` half-width.
-WITH_CI = ("es", "edit_acc", "drawdown", "token_acc_edit", "token_acc_rephrase", "loc_agree", "loc_kl",
-           "efficacy", "paraphrase", "neighbourhood")
-
 
 def _proc_status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -115,6 +103,13 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
         return m, 0.0
     var = sum((x - m) ** 2 for x in v) / (len(v) - 1)
     return m, 1.96 * math.sqrt(var / len(v))
+
+
+class EditorLike(Protocol):
+    """What :func:`evaluate` needs of an editor: ``edit(batch)`` returning an object with ``deltas`` (weight deltas
+    by parameter name), ``steps`` and ``detach()`` (``methods.base.Edit``)."""
+
+    def edit(self, batch: EditBatch) -> Any: ...
 
 
 @dataclass
@@ -215,7 +210,7 @@ def retention(model: EditableModel, records: Sequence[EditRecord], deltas: dict,
 
 
 def evaluate(
-    editor: Any,
+    editor: EditorLike,
     model: EditableModel,
     records: Sequence[EditRecord],
     edit_batch_size: int = 1,

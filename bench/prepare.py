@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from bench.data import TaskData, collate, file_sha256, write_atomic
-from bench.cache import cache_root
+from bench.data import TaskData, collate, file_sha256
+from bench.cache import cache_root, cached
 from bench.models import load_model
 
 log = logging.getLogger(__name__)
@@ -131,34 +131,33 @@ def generation_targets(model: Any, records: list, seed: int, n_tokens: int = 10,
     from dataclasses import replace
 
     tok = model.tokenizer
-    blob = json.dumps({"model": model.name, "tag": cache_tag, "seed": seed, "n": n_tokens, "max": max_prompt_tokens,
-                       "ids": [r.case_id for r in records], "h": hashlib.sha256(
-                           "\x1f".join(r.prompt for r in records).encode()).hexdigest()}, sort_keys=True)
-    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    path = cache_root() / "generated" / f"{Path(model.name).name}-{key}.json"
+    inputs = {"model": model.name, "tag": cache_tag, "seed": seed, "n": n_tokens, "max": max_prompt_tokens,
+              "ids": [r.case_id for r in records],
+              "h": hashlib.sha256("\x1f".join(r.prompt for r in records).encode()).hexdigest()}
 
     def with_rows(rows: list[dict]) -> list:
         return [replace(r, prompt=c["prompt"], target=c["target"], rephrases=(c["rephrase"],))
                 for r, c in zip(records, rows)]
 
-    if path.exists():
-        return with_rows(json.loads(path.read_text()))
-    rows = []
-    for r in records:
-        ids = tok(r.prompt, add_special_tokens=False)["input_ids"][:max_prompt_tokens]
-        prompt = tok.decode(ids)
-        rng = random.Random(f"{seed}:{r.case_id}")
-        words = prompt.split(" ")
-        cut = rng.randint(1, max(1, len(words) // 2))
-        rephrase = " ".join(words[cut:])
-        torch.manual_seed(int(hashlib.sha256(f"{seed}:{r.case_id}".encode()).hexdigest()[:8], 16))
-        cur = torch.tensor([ids], device=model.device)
-        with torch.no_grad():  # multinomial sampling at temperature 1 over the full vocabulary, KV-cached
-            seq = model.model.generate(cur, attention_mask=torch.ones_like(cur), do_sample=True, top_k=0, top_p=1.0,
-                                       temperature=1.0, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
-                                       pad_token_id=tok.pad_token_id)
-        new = seq[0, cur.shape[1]:].tolist()
-        target = tok.decode(new)
-        rows.append({"prompt": prompt, "target": target, "rephrase": rephrase})
-    write_atomic(path, json.dumps(rows).encode())
+    def generate() -> list[dict]:
+        rows = []
+        for r in records:
+            ids = tok(r.prompt, add_special_tokens=False)["input_ids"][:max_prompt_tokens]
+            prompt = tok.decode(ids)
+            rng = random.Random(f"{seed}:{r.case_id}")
+            words = prompt.split(" ")
+            cut = rng.randint(1, max(1, len(words) // 2))
+            rephrase = " ".join(words[cut:])
+            torch.manual_seed(int(hashlib.sha256(f"{seed}:{r.case_id}".encode()).hexdigest()[:8], 16))
+            cur = torch.tensor([ids], device=model.device)
+            with torch.no_grad():  # multinomial sampling at temperature 1 over the full vocabulary, KV-cached
+                seq = model.model.generate(cur, attention_mask=torch.ones_like(cur), do_sample=True, top_k=0,
+                                           top_p=1.0, temperature=1.0, max_new_tokens=n_tokens,
+                                           min_new_tokens=n_tokens, pad_token_id=tok.pad_token_id)
+            new = seq[0, cur.shape[1]:].tolist()
+            rows.append({"prompt": prompt, "target": tok.decode(new), "rephrase": rephrase})
+        return rows
+
+    rows, _ = cached("generated", inputs, "json", generate, lambda v, p: p.write_text(json.dumps(v)),
+                     lambda p: json.loads(p.read_text()))
     return with_rows(rows)

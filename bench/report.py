@@ -258,15 +258,15 @@ def table_cost(df: Any) -> tuple[list[str], list[list[str]], str]:
 
 def table_properties(df: Any) -> tuple[list[str], list[list[str]], str]:
     """Table 1, measured: every cell from evidence in the runs."""
-    header = ["editor", "Preserves model?", "Only (x_e, y_e)?", "Batched edits?", "Sequential edits?",
-              "Scales to 10B?", "Few steps?"]
+    header = ["editor", "Preserves model?", "Only (x_e, y_e)?", "Batched edits?", "Scales to 10B?", "Few steps?",
+              "Sequential edits?"]
     rows = []
     for m in sorted(df["method"].unique().to_list()):
         runs = _cell_runs(df, method=m)
         ind = [r for r in runs if r["mode"] == "independent"]
         seq = [r for r in runs if r["mode"] == "sequential"]
         rows.append([m, _preserves(runs), _only_xy(runs), _batched(ind) if ind else "no evidence (no independent "
-                     "run)", _sequential(seq), _scales(runs), _few_steps(runs)])
+                     "run)", _scales(runs), _few_steps(runs), _sequential(seq)])
     note = (f"Batched: ES at the largest batch size stays >= {BATCH_KEEP_FRACTION:.0%} of single-edit ES. "
             f"Sequential: after N >= {SEQ_MIN_EDITS} edits applied one after another, ES on all N stays >= "
             f"{SEQ_KEEP_FRACTION:.0%} of the ES each edit had right after it was made. Scales: "

@@ -20,14 +20,11 @@ from typing import Any
 
 from bench import cli
 from bench.config import Sweep, SweepError, load_sweep, ship_data, trials, validate
+from bench.schema import SUMMARY
 
 log = logging.getLogger("bench.run")
 
-SUMMARY_COLUMNS = [
-    "method", "model", "dataset", "edit_batch_size", "edit_mode", "n_edits", "es", "es_ci95", "edit_acc",
-    "retention_es", "drawdown", "loc_agree", "loc_kl", "edit_time_s", "edit_peak_mem_mb", "train_time_s", "fit",
-    "status",
-]
+SUMMARY_COLUMNS = ["method", "model", "dataset", "edit_batch_size", "edit_mode", "n_edits", *SUMMARY, "fit", "status"]
 EXIT_CODES = {0: "every trial finished", 1: "some trial failed (its reason is printed)",
               2: "invalid sweep or option (one line, before Ray starts; no MLflow run is created)",
               130: "interrupted by SIGINT (Ctrl-C): running trials were stopped and their runs marked KILLED",

@@ -7,6 +7,7 @@ report function); tests call it directly.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import hashlib
 import json
 import logging
@@ -20,8 +21,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from bench import tracking
-from bench.data import fetch_public, file_sha256, load_card, load_task, locality_pool, with_locality
-from bench.metrics import STYLES, PeakMemory, base_correct, evaluate
+from bench.config import TrialSpec
+from bench.data import apply_locality, fetch_public, file_sha256, load_card, load_task
+from bench.metrics import PeakMemory, base_correct, evaluate
+from bench.schema import REQUIRED, STYLES
 from bench.models import load_model
 from bench.prepare import generation_targets, prepare_base
 from methods import Budget, FitResult, get_editor
@@ -31,11 +34,8 @@ log = logging.getLogger(__name__)
 
 Reporter = Callable[[Mapping[str, float]], None]
 
-# Every trial's run carries at least these metrics (others may be added).
-REQUIRED_METRICS = (
-    "es", "edit_acc", "loc_acc_pre", "loc_acc_post", "drawdown", "token_acc_rephrase", "edit_time_s",
-    "edit_peak_mem_mb", "edit_steps", "loc_agree", "loc_kl", "es_ci95", "drawdown_ci95",
-)
+#: Every trial's run carries at least these metrics (others may be added); declared in bench.schema.
+REQUIRED_METRICS = REQUIRED
 
 
 def pick_device(pref: str) -> str:
@@ -43,29 +43,6 @@ def pick_device(pref: str) -> str:
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         return "cuda"
     return "cpu"
-
-
-def _apply_locality(model: Any, task: Any, source: str, data_root: str | None, seed: int) -> dict[str, float]:
-    """Swap each record's locality prompt for one from a file-based source of the card (filtered to prompts the
-    base model answers right when the card says so). Returns counts for logging."""
-    card = task.card
-    src = card.locality[source]
-    if src.source == "record":
-        return {}
-    pairs = locality_pool(card, source, data_root)
-    kept = pairs
-    if src.keep == "base_correct":
-        ok = base_correct(model, pairs)
-        kept = [p for p, good in zip(pairs, ok) if good]
-    log.info("locality %s: %d of %d prompts kept", source, len(kept), len(pairs))
-    # Disjoint pools per split so test locality prompts were never seen in training.
-    order = list(range(len(kept)))
-    random.Random(seed).shuffle(order)
-    n = len(order)
-    cuts = {"train": order[: int(0.7 * n)], "val": order[int(0.7 * n): int(0.8 * n)], "test": order[int(0.8 * n):]}
-    for split, idx in cuts.items():
-        task.splits[split] = with_locality(task.splits[split], [kept[i] for i in idx], seed)
-    return {"loc_pool_size": float(len(pairs)), "loc_pool_kept": float(len(kept))}
 
 
 def _records_digest(records: Sequence[Any]) -> str:
@@ -80,7 +57,7 @@ def training_key(cfg: Mapping[str, Any], editor: Any, model: Any, task: Any, bas
     and target generation). Test-side settings (n_edits, batch size, test file) are not part of it."""
     blob = {"method": cfg["method"], "code": type(editor).code_version(),
             "hparams": editor.hparams.model_dump(mode="json"),
-            "budget": dataclasses.asdict(Budget(**(cfg.get("budget") or {}))),
+            "budget": Budget(**(cfg.get("budget") or {})).model_dump(),
             "model": cfg["model"]["name"], "base_model": base_key, "edit_params": list(model.edit_params),
             "seed": int(cfg["seed"]), "train": _records_digest(task["train"]), "val": _records_digest(task["val"])}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
@@ -96,154 +73,188 @@ def _load_trained(editor: Any, uri: str, source: Any) -> FitResult:
                      stop_reason=t.get(tracking.FIT_STOP_TAG, "untrained"))
 
 
-def run_trial(cfg: Mapping[str, Any], tracking_uri: str, experiment: str, report: Reporter | None = None,
-              extra_tags: Mapping[str, str] | None = None) -> dict[str, float]:
-    """Run one trial spec (a point of :func:`bench.config.plan`, with sampled values merged into ``hparams``).
+@dataclass
+class _Prepared:
+    """What the data step hands on: the task (splits final), the model to edit, the prepared base model's key and
+    the locality counts."""
+
+    task: Any
+    model: Any
+    prep_key: str | None
+    loc_counts: dict[str, float]
+
+
+def _prepare_data(spec: TrialSpec, run: Any, device: str, tracking_uri: str, experiment: str,
+                  extra_tags: Mapping[str, str] | None) -> _Prepared:
+    """Load the task's splits and the model (a prepared base model first where the card asks: FEVER), generate
+    targets (Wikitext), choose locality prompts; log what was read."""
+    ds, seed = spec.dataset, spec.seed
+    public = None
+    if ds.source == "public":  # the card's public files, fetched once into the cache
+        card = load_card(ds.name)
+        public = {k: str(fetch_public(card, k)) for k in card.source["files"]}
+    task = load_task(ds.name, spec.data_root, seed=seed,
+                     sizes={"train": ds.n_train, "val": ds.n_val, "test": spec.n_edits},
+                     paths=ds.paths, file_overrides=public)
+    model_path, prep_key = spec.model.name, None
+    if task.card.prepare:  # the task needs a base model trained for it first (FEVER's classifier)
+        prep = prepare_base(spec.model.name, task, seed, ds.prepare, device)
+        if prep.trained:
+            with tracking.trial_run(tracking_uri, experiment, f"prepare/{spec.model.name}/{ds.name}",
+                                    {tracking.KIND_TAG: "prepare", **tracking.environment_tags(device),
+                                     **(extra_tags or {})}) as prun:
+                prun.log_params({k: v for k, v in prep.info.items() if k != "val_accuracy"} | {"key": prep.key})
+                prun.log_metrics({"val_accuracy": prep.info["val_accuracy"],
+                                  "train_seconds": prep.info["train_seconds"]})
+        prep_key = prep.key
+        run.log_params({"base_model.path": str(prep.path), "base_model.key": prep.key})
+        run.log_metrics({"base_val_accuracy": prep.info["val_accuracy"]})
+        model_path = str(prep.path)
+    model = load_model(model_path, spec.model.edit_params, num_labels=max(2, len(task.card.labels)), device=device)
+    model.name = spec.model.name
+    if task.card.kind == "generation":  # y_e sampled from the base model itself, cached per dataset
+        over = ds.generate.model_dump() if ds.generate is not None else {}
+        gen = {**task.card.generate, **{k: v for k, v in over.items() if v is not None}}
+        run.log_params({f"generate.{k}": v for k, v in gen.items()})
+        for split in ("train", "val", "test"):
+            task.splits[split] = generation_targets(
+                model, task.splits[split], seed,
+                cache_tag=f"{file_sha256(Path(task.files[split]))[:16]}:{split}", **gen)
+    run.log_params({"model_params": model.meta["n_params"]})
+    loc_counts = apply_locality(task, ds.locality or task.card.default_locality, spec.data_root, seed,
+                                correct=lambda pairs: base_correct(model, pairs))
+    root = spec.data_root
+    run.log_params({f"data.{s}_file": os.path.relpath(f, root) if root and f.startswith(str(root)) else f
+                    for s, f in task.files.items()})
+    run.log_params({f"data.sha256.{k}": v for k, v in spec.data_files.items()})
+    run.log_params({f"data.n_{s}": len(v) for s, v in task.splits.items()})
+    return _Prepared(task, model, prep_key, loc_counts)
+
+
+@dataclass
+class _Fitted:
+    """The editor after its fit step (or loaded from a run trained the same way), and what that cost."""
+
+    editor: Any
+    fit: FitResult
+    seconds: float
+    peak_mb: float
+    source: Any
+
+
+def _build_and_fit(spec: TrialSpec, data: _Prepared, run: Any, tracking_uri: str, report: Reporter | None
+                   ) -> _Fitted:
+    """Build the editor (it chooses its weights), then fit it, or load the checkpoint of a FINISHED run trained
+    under the same training key (train once, evaluate many); tag base-weight digests and why the fit stopped."""
+    editor_cls = get_editor(spec.method)
+    model, task = data.model, data.task
+    editor = editor_cls(model, spec.hparams, data_root=spec.data_root)
+    run.log_params({"edit_params": ",".join(editor.model.edit_params)})  # the editor's choice of weights
+    digest_before = weights_digest(model)
+    source = None
+    if editor_cls.requires_training:  # train once: a FINISHED run trained the same way lends its checkpoint
+        key = training_key(spec.model_dump(), editor, editor.model, task, data.prep_key)
+        run.set_tags({tracking.TRAIN_KEY_TAG: key})
+        if not spec.retrain:
+            source = tracking.find_trained(tracking_uri, key)
+
+    def log_step(step: int, metrics: Mapping[str, float]) -> None:
+        run.log_metrics(metrics, step=step)
+        if report is not None and any(k.startswith("val_") for k in metrics):
+            report({k: float(v) for k, v in metrics.items()})
+
+    t_fit = time.time()
+    with PeakMemory(model.device) as fit_mem:
+        if source is not None:
+            fit = _load_trained(editor, tracking_uri, source)
+            run.set_tags({tracking.TRAINED_FROM_TAG: source.info.run_id})
+            log.info("%s: editor loaded from run %s (same training key) instead of training", spec.run_name,
+                     source.info.run_id)
+        else:
+            fit = editor.fit(task["train"], task["val"], spec.budget, log_step)
+    fit_s = 0.0 if source is not None else time.time() - t_fit
+    digest_after = weights_digest(model)
+    run.set_tags({"base_weights_sha256.before": digest_before, "base_weights_sha256.after": digest_after,
+                  "base_model_changed": str(digest_before != digest_after), tracking.FIT_STOP_TAG: fit.stop_reason})
+    return _Fitted(editor, fit, fit_s, fit_mem.mb if editor_cls.requires_training else 0.0, source)
+
+
+def _log_results(spec: TrialSpec, run: Any, data: _Prepared, fitted: _Fitted, result: Any, t_start: float
+                 ) -> dict[str, float]:
+    """Log the final metrics (evaluation, locality counts, training cost; a reused training's cost from its source
+    run), the retention history of sequential runs, the per-edit table and the editor checkpoint."""
+    for mark in result.checkpoints:  # sequential: retention after k edits, as metric history at step k
+        run.log_metrics({k: v for k, v in mark.items() if k != "n_edits"}, step=int(mark["n_edits"]))
+    fit, source = fitted.fit, fitted.source
+    metrics = dict(result.metrics)
+    metrics.update(data.loc_counts)
+    metrics.update({"train_time_s": fitted.seconds, "train_steps": float(fit.steps),
+                    "train_best_step": float(fit.best_step), "train_peak_mem_mb": fitted.peak_mb,
+                    "trial_time_s": time.time() - t_start})
+    if source is not None:  # the cost of the training this trial reused, from its source run
+        metrics.update({"source_train_time_s": source.data.metrics.get("train_time_s", float("nan")),
+                        "train_peak_mem_mb": source.data.metrics.get("train_peak_mem_mb", float("nan"))})
+    metrics.update({f"best_{k}": v for k, v in fit.best.items()})
+    run.log_metrics(metrics)
+    run.log_table(result.rows)
+    if fitted.editor.modules():
+        with tempfile.TemporaryDirectory() as tmp:
+            run.log_artifact(fitted.editor.save(Path(tmp) / "editor"), "editor")
+    log.info("%s: es=%.3f edit_acc=%.3f drawdown=%.3f loc_agree=%.3f (%.0fs)", spec.run_name,
+             metrics.get("es", float("nan")), metrics.get("edit_acc", float("nan")),
+             metrics.get("drawdown", float("nan")), metrics.get("loc_agree", float("nan")), metrics["trial_time_s"])
+    return metrics
+
+
+def run_trial(cfg: TrialSpec | Mapping[str, Any], tracking_uri: str, experiment: str,
+              report: Reporter | None = None, extra_tags: Mapping[str, str] | None = None) -> dict[str, float]:
+    """Run one trial (a :class:`~bench.config.TrialSpec`, or its dict from :func:`bench.config.plan` /
+    :func:`bench.config.trials`) in four steps: prepare the data and model, build and fit the editor, evaluate,
+    log.
 
     Logs exactly one MLflow run in ``experiment`` and returns its final metrics. Raises on failure (the run is
     then marked FAILED with the error as a tag).
     """
+    spec = cfg if isinstance(cfg, TrialSpec) else TrialSpec.model_validate(dict(cfg))
     t_start = time.time()
-    seed = int(cfg["seed"])
-    random.seed(seed)
-    torch.manual_seed(seed)
-    device = pick_device(cfg.get("device", "auto"))
+    random.seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    device = pick_device(spec.device)
     threads = int(os.environ.get("EDITBENCH_THREADS", "0"))
     if threads > 0:
         torch.set_num_threads(threads)
-    method, model_spec, ds = cfg["method"], cfg["model"], cfg["dataset"]
-    params = {
-        "method": cfg.get("method_label", method),
-        "method_class": method,
-        "model": model_spec["name"],
-        "dataset": ds["name"],
-        "n_edits": cfg["n_edits"],
-        "edit_batch_size": cfg["edit_batch_size"],
-        "seed": seed,
-        "hparams": dict(cfg["hparams"]),
-        "budget": dict(cfg.get("budget") or {}),
-        "locality": ds.get("locality") or "",
-        "edit_mode": cfg.get("edit_mode", "independent"),
-    }
-    editor_cls = get_editor(method)
+    editor_cls = get_editor(spec.method)
+    params = {"method": spec.method_label, "method_class": spec.method, "model": spec.model.name,
+              "dataset": spec.dataset.name, "n_edits": spec.n_edits, "edit_batch_size": spec.edit_batch_size,
+              "seed": spec.seed, "hparams": dict(spec.hparams), "budget": spec.budget.model_dump(),
+              "locality": spec.dataset.locality or "", "edit_mode": spec.edit_mode}
     tags = {
         **tracking.environment_tags(device),
         **(extra_tags or {}),
-        "method": params["method"],
-        "model": model_spec["name"],
-        "dataset": ds["name"],
+        "method": spec.method_label,
+        "model": spec.model.name,
+        "dataset": spec.dataset.name,
         "requires_training": str(editor_cls.requires_training),
         "uses_training_data_at_edit_time": str(editor_cls.uses_training_data_at_edit_time),
         "modifies_base_model": str(editor_cls.modifies_base_model),
         **{f"style.{k}": v for k, v in STYLES.items()},
     }
-    if cfg.get("config_digest"):
-        tags[tracking.CONFIG_DIGEST_TAG] = str(cfg["config_digest"])
-    with tracking.trial_run(tracking_uri, experiment, cfg["run_name"], tags) as run:
+    if spec.config_digest:
+        tags[tracking.CONFIG_DIGEST_TAG] = spec.config_digest
+    with tracking.trial_run(tracking_uri, experiment, spec.run_name, tags) as run:
         run.log_params(params)
-        public = None
-        if ds.get("source") == "public":  # the card's public files, fetched once into the cache
-            card = load_card(ds["name"])
-            public = {k: str(fetch_public(card, k)) for k in card.source["files"]}
-        task = load_task(
-            ds["name"], cfg.get("data_root"), seed=seed,
-            sizes={"train": ds.get("n_train"), "val": ds.get("n_val"), "test": cfg["n_edits"]},
-            paths=ds.get("paths") or {}, file_overrides=public,
-        )
-        model_path = model_spec["name"]
-        prep_key = None
-        if task.card.prepare:  # the task needs a base model trained for it first (FEVER's classifier)
-            prep = prepare_base(model_spec["name"], task, seed, ds.get("prepare"), device)
-            if prep.trained:
-                with tracking.trial_run(tracking_uri, experiment, f"prepare/{model_spec['name']}/{ds['name']}",
-                                        {tracking.KIND_TAG: "prepare", **tracking.environment_tags(device),
-                                         **(extra_tags or {})}) as prun:
-                    prun.log_params({k: v for k, v in prep.info.items() if k != "val_accuracy"} | {"key": prep.key})
-                    prun.log_metrics({"val_accuracy": prep.info["val_accuracy"],
-                                      "train_seconds": prep.info["train_seconds"]})
-            prep_key = prep.key
-            run.log_params({"base_model.path": str(prep.path), "base_model.key": prep.key})
-            run.log_metrics({"base_val_accuracy": prep.info["val_accuracy"]})
-            model_path = str(prep.path)
-        model = load_model(model_path, model_spec.get("edit_params"), num_labels=max(2, len(task.card.labels)),
-                           device=device)
-        model.name = model_spec["name"]
-        if task.card.kind == "generation":  # y_e sampled from the base model itself, cached per dataset
-            gen = {**task.card.generate, **{k: v for k, v in (ds.get("generate") or {}).items() if v is not None}}
-            run.log_params({f"generate.{k}": v for k, v in gen.items()})
-            for split in ("train", "val", "test"):
-                task.splits[split] = generation_targets(
-                    model, task.splits[split], seed,
-                    cache_tag=f"{file_sha256(Path(task.files[split]))[:16]}:{split}", **gen)
-        run.log_params({"model_params": model.meta["n_params"]})
-        loc_source = ds.get("locality") or task.card.default_locality
-        loc_counts = _apply_locality(model, task, loc_source, cfg.get("data_root"), seed)
-        root = cfg.get("data_root")
-        run.log_params({f"data.{s}_file": os.path.relpath(f, root) if root and f.startswith(str(root)) else f
-                        for s, f in task.files.items()})
-        run.log_params({f"data.sha256.{k}": v for k, v in (cfg.get("data_files") or {}).items()})
-        run.log_params({f"data.n_{s}": len(v) for s, v in task.splits.items()})
-
-        editor = editor_cls(model, cfg["hparams"], data_root=cfg.get("data_root"))
-        run.log_params({"edit_params": ",".join(editor.model.edit_params)})  # the editor's choice of weights
-        digest_before = weights_digest(model)
-        budget = Budget(**(cfg.get("budget") or {}))
-        source = None
-        if editor_cls.requires_training:  # train once: a FINISHED run trained the same way lends its checkpoint
-            key = training_key(cfg, editor, editor.model, task, prep_key)
-            run.set_tags({tracking.TRAIN_KEY_TAG: key})
-            if not cfg.get("retrain"):
-                source = tracking.find_trained(tracking_uri, key)
-
-        def log_step(step: int, metrics: Mapping[str, float]) -> None:
-            run.log_metrics(metrics, step=step)
-            if report is not None and any(k.startswith("val_") for k in metrics):
-                report({k: float(v) for k, v in metrics.items()})
-
-        t_fit = time.time()
-        with PeakMemory(model.device) as fit_mem:
-            if source is not None:
-                fit = _load_trained(editor, tracking_uri, source)
-                run.set_tags({tracking.TRAINED_FROM_TAG: source.info.run_id})
-                log.info("%s: editor loaded from run %s (same training key) instead of training", cfg["run_name"],
-                         source.info.run_id)
-            else:
-                fit = editor.fit(task["train"], task["val"], budget, log_step)
-        fit_s = 0.0 if source is not None else time.time() - t_fit
-        digest_after = weights_digest(model)
-        run.set_tags({"base_weights_sha256.before": digest_before, "base_weights_sha256.after": digest_after,
-                      "base_model_changed": str(digest_before != digest_after),
-                      tracking.FIT_STOP_TAG: fit.stop_reason})
+        data = _prepare_data(spec, run, device, tracking_uri, experiment, extra_tags)
+        fitted = _build_and_fit(spec, data, run, tracking_uri, report)
 
         def progress(done: int, total: int) -> None:
             if done == total or done % max(1, total // 10) == 0:
-                log.info("%s: evaluated %d/%d edits", cfg["run_name"], done, total)
+                log.info("%s: evaluated %d/%d edits", spec.run_name, done, total)
 
-        result = evaluate(editor, model, task["test"], int(cfg["edit_batch_size"]),
-                          rome_neighbourhood=task.card.rome_neighbourhood, progress=progress,
-                          mode=cfg.get("edit_mode", "independent"), checkpoints=cfg.get("checkpoints"))
-        for mark in result.checkpoints:  # sequential: retention after k edits, as metric history at step k
-            run.log_metrics({k: v for k, v in mark.items() if k != "n_edits"}, step=int(mark["n_edits"]))
-        metrics = dict(result.metrics)
-        metrics.update(loc_counts)
-        metrics.update({"train_time_s": fit_s, "train_steps": float(fit.steps), "train_best_step": float(fit.best_step),
-                        "train_peak_mem_mb": fit_mem.mb if editor_cls.requires_training else 0.0,
-                        "trial_time_s": time.time() - t_start})
-        if source is not None:  # the cost of the training this trial reused, from its source run
-            metrics.update({"source_train_time_s": source.data.metrics.get("train_time_s", float("nan")),
-                            "train_peak_mem_mb": source.data.metrics.get("train_peak_mem_mb", float("nan"))})
-        metrics.update({f"best_{k}": v for k, v in fit.best.items()})
-        run.log_metrics(metrics)
-        run.log_table(result.rows)
-        if editor.modules():
-            with tempfile.TemporaryDirectory() as tmp:
-                run.log_artifact(editor.save(Path(tmp) / "editor"), "editor")
-        log.info("%s: es=%.3f edit_acc=%.3f drawdown=%.3f loc_agree=%.3f (%.0fs)", cfg["run_name"],
-                 metrics.get("es", float("nan")), metrics.get("edit_acc", float("nan")),
-                 metrics.get("drawdown", float("nan")), metrics.get("loc_agree", float("nan")),
-                 metrics["trial_time_s"])
+        result = evaluate(fitted.editor, data.model, data.task["test"], spec.edit_batch_size,
+                          rome_neighbourhood=data.task.card.rome_neighbourhood, progress=progress,
+                          mode=spec.edit_mode, checkpoints=spec.checkpoints)
+        metrics = _log_results(spec, run, data, fitted, result, t_start)
     # Reported after the run is FINISHED: a scheduler may stop the trial at this report.
     if report is not None:
         report({k: float(v) for k, v in metrics.items()})
     return metrics
-

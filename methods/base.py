@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import Tensor
 
-from bench.data import EditBatch, EditRecord
+from bench.data.batches import EditBatch
+from bench.data.records import EditRecord
 from bench.models import EditableModel
 
 log = logging.getLogger(__name__)
@@ -61,17 +62,19 @@ class Edit:
         return Edit({n: d.detach() for n, d in self.deltas.items()}, self.steps, dict(self.info))
 
 
-@dataclass
-class Budget:
-    """Training budget of a learned editor (ignored by editors that need no training)."""
+class Budget(BaseModel):
+    """Training budget of a learned editor (ignored by editors that need no training); the sweep file's
+    ``methods[].budget`` is validated against this model (unknown keys are errors)."""
 
-    max_steps: int = 1000
-    max_seconds: float | None = None
-    val_every: int = 50
-    val_edits: int = 50
-    patience: int = 5
-    batch_size: int = 1
-    grad_accum: int = 1
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    max_steps: PositiveInt = 1000
+    max_seconds: float | None = Field(default=None, gt=0)
+    val_every: PositiveInt = 50
+    val_edits: PositiveInt = 50
+    patience: PositiveInt = 5
+    batch_size: PositiveInt = 1
+    grad_accum: PositiveInt = 1
 
 
 #: Why a fit ended. Only ``converged`` (patience on validation ran out) is a finished training; ``max_steps`` and
@@ -109,6 +112,8 @@ class Editor:
     validation_metrics: ClassVar[dict[str, str]] = {}
     #: Model kinds (``EditableModel.kind``) the editor can edit; a sweep pairing it with another is refused.
     supported_kinds: ClassVar[tuple[str, ...]] = ("causal", "seq2seq", "classifier")
+    #: Whether each edit request must name its subject (``EditRecord.subject``; ROME and MEMIT locate it).
+    needs_subject: ClassVar[bool] = False
 
     def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
                  data_root: str | None = None) -> None:
@@ -326,7 +331,7 @@ class LearnedEditor(Editor):
         return None
 
     def _losses(self, records: Sequence[EditRecord]) -> dict[str, Tensor]:
-        from bench.data import edit_batch, equiv_batch, loc_batch, stack_batches
+        from bench.data.batches import edit_batch, equiv_batch, loc_batch, stack_batches
         from bench.losses import argmax_scores, kl_div, loc_mask, nll
 
         m = self.model

@@ -17,7 +17,8 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.data import EditBatch, EditRecord, loc_batch
+from bench.data.batches import EditBatch, loc_batch
+from bench.data.records import EditRecord
 from bench.losses import kl_div, loc_mask, nll
 from bench.models import EditableModel
 from methods.base import Edit, Hparams, LearnedEditor, LearnedHparams

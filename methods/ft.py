@@ -16,7 +16,8 @@ import torch
 from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor
 
-from bench.data import EditBatch, EditRecord, loc_batch
+from bench.data.batches import EditBatch, loc_batch
+from bench.data.records import EditRecord
 from bench.losses import argmax_scores, kl_div, loc_mask, nll
 from methods.base import Budget, Edit, Editor, FitResult, Hparams, StepLogger
 

@@ -19,7 +19,7 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from bench.data import EditBatch
+from bench.data.batches import EditBatch
 from bench.models import EditableModel
 from methods.base import Edit, Hparams, LearnedEditor, LearnedHparams, gradient_factors
 

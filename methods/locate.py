@@ -13,14 +13,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from pydantic import Field, PositiveInt, conlist, field_validator
 from torch import Tensor
 
-from bench.data import DataError, EditBatch, EditRecord, collate, resolve_file, stack_batches
+from bench.data.batches import EditBatch, collate, stack_batches
+from bench.data.files import resolve_file
+from bench.data.records import DataError, EditRecord
 from bench.models import EditableModel, StopForward
 from methods.base import Hparams
 
@@ -291,18 +292,18 @@ def second_moment(model: EditableModel, module: str, hp: LocateHparams, data_roo
     from safetensors.torch import load_file, save_file
 
     from bench.cache import cached
-    from bench.data import file_sha256, read_text
+    from bench.data import files
     from methods.base import weights_digest
 
     path = resolve_file(hp.mom2_corpus, data_root)
     if "weights_sha256" not in model.meta:
         model.meta["weights_sha256"] = weights_digest(model)
     inputs = {"stat": "mom2", "model": model.name, "weights": model.meta["weights_sha256"], "module": module,
-              "corpus": file_sha256(path), "n_tokens": hp.mom2_n_tokens, "seq_len": hp.mom2_seq_len}
+              "corpus": files.file_sha256(path), "n_tokens": hp.mom2_n_tokens, "seq_len": hp.mom2_seq_len}
 
     def compute() -> Tensor:
         t0 = time.time()
-        ids = model.tokenizer(read_text(path), add_special_tokens=False)["input_ids"][: hp.mom2_n_tokens]
+        ids = model.tokenizer(files.read_text(path), add_special_tokens=False)["input_ids"][: hp.mom2_n_tokens]
         if len(ids) < hp.mom2_n_tokens:
             log.warning("%s holds %d tokens, fewer than mom2_n_tokens=%d; using all", path, len(ids),
                         hp.mom2_n_tokens)

@@ -28,7 +28,7 @@ import torch
 from pydantic import Field, PositiveInt, conlist
 from torch import Tensor
 
-from bench.data import EditBatch
+from bench.data.batches import EditBatch
 from bench.models import EditableModel
 from methods.base import Edit, Editor, Hparams
 from methods.locate import (LocateHparams, as_weight, context_templates, default_layer, io_at, keys_at,
@@ -66,6 +66,7 @@ class MEMIT(Editor):
     Hparams = MEMITHparams
     hparams: MEMITHparams
     supported_kinds: ClassVar[tuple[str, ...]] = ("causal",)
+    needs_subject = True
     STARTS: ClassVar[list[str]] = ["The", "Therefore", "Because", "I", "You"]
 
     def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from bench.data import EditBatch
+from bench.data.batches import EditBatch
 from bench.models import EditableModel
 from methods.base import Edit, Hparams, LearnedEditor, LearnedHparams, gradient_factors
 from methods.nets import LowRankMLP, RunningNorm

@@ -13,10 +13,16 @@ One request writes a new key -> value association into the MLP output projection
   the paper: 100,000 Wikipedia samples), cached on disk by (model, weights, layer, corpus, token count) and
   k the key of the bare prompt, so ``W' k = v*`` exactly.
 
-Layer: the paper's per model (GPT-2 medium 8, large 12, XL 17, GPT-J 5). SmolLM2-135M (30 blocks): layer 5,
-chosen by a layer sweep on 12 CounterFact training records (``python -m methods.rome --sweep-layers``; efficacy
-/ paraphrase / neighbourhood per layer in the closing note of the ROME issue); other models: 30% of the depth,
-the paper's GPT-2 XL fraction (17 of 48). A batched edit applies its requests one after another, each computed on
+Layer: the paper's per model (GPT-2 medium 8, large 12, XL 17, GPT-J 5; ``methods.locate.DEFAULT_LAYER``).
+SmolLM2-135M (30 blocks): block 5, chosen by a layer sweep on the first 8 CounterFact training records (seed 0;
+MEMIT's prefixes; efficacy / paraphrase / neighbourhood / MEND-style ES):
+
+    layer  2: 1.00 / 1.00 / 0.875 / 0.375      layer 11: 1.00 / 1.00 / 0.750 / 0.375
+    layer  5: 1.00 / 1.00 / 0.875 / 0.500      layer 15: 1.00 / 1.00 / 0.625 / 0.250
+    layer  8: 1.00 / 1.00 / 0.875 / 0.500
+
+(5 and 8 tie; 5 is cheaper and sits at GPT-J's relative depth, 5 of 28). Other models: 30% of the depth, the
+paper's GPT-2 XL fraction (17 of 48). A batched edit applies its requests one after another, each computed on
 the model with the previous ones applied (as the authors' code does for a sequence of requests). Causal models
 only.
 """
@@ -29,7 +35,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import Tensor
 
-from bench.data import EditBatch
+from bench.data.batches import EditBatch
 from bench.models import EditableModel
 from methods.base import Edit, Editor, Hparams
 from methods.locate import (LocateHparams, as_weight, context_templates, default_layer, default_starts, io_at,
@@ -51,6 +57,7 @@ class ROME(Editor):
     Hparams = ROMEHparams
     hparams: ROMEHparams
     supported_kinds: ClassVar[tuple[str, ...]] = ("causal",)
+    needs_subject = True
 
     def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
                  data_root: str | None = None) -> None:

@@ -50,7 +50,7 @@ def _bad_data(tmp_path: Path, drop: str | None = None, empty: bool = False) -> s
 CASES = {
     "invalid yaml": (None, "name: [unclosed", r"invalid YAML"),
     "unknown key": (_patch(colour="red"), None, r"colour: unknown key"),
-    "unknown method": (_patch(methods=[{"name": "rome"}]), None, r"methods.0.name: unknown method 'rome'; valid: .*ft"),
+    "unknown method": (_patch(methods=[{"name": "serac"}]), None, r"methods.0.name: unknown method 'serac'; valid: .*ft"),
     "unknown model": (_patch(models=["not a model"]), None, r"models.0.name: unknown model 'not a model'"),
     "unknown dataset": (_patch(datasets=["squad"]), None, r"unknown dataset 'squad'; valid: .*zsre"),
     "non-positive lr": (_patch(methods=[{"name": "ft", "hparams": {"lr": 0}}]), None,

@@ -1,0 +1,112 @@
+"""Dataset cards: ``datasets/<name>.yaml`` parsed and validated."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
+
+from bench.data.records import SPLITS, DataError, TaskKind
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+CARDS_DIR = REPO_ROOT / "datasets"
+
+
+class _Card(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalitySource(_Card):
+    """Where locality prompts come from: the record's own (``record``), or another file of the data root.
+
+    ``keep: base_correct`` keeps only prompts whose answer the unedited model already produces (teacher-forced
+    argmax), so accuracy drawdown can move on small models.
+    """
+
+    name: str
+    source: Literal["record", "file"] = "record"
+    file: str | None = None
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    keep: Literal["all", "base_correct"] = "all"
+    max_prompts: PositiveInt = 2000
+
+
+class DatasetCard(_Card):
+    """A parsed and validated ``datasets/<name>.yaml`` (unknown keys are errors, as in sweep files)."""
+
+    name: str
+    reader: str
+    kind: TaskKind
+    files: dict[str, str]
+    fields: dict[str, Any] = Field(default_factory=dict, description="record field -> source key (and reader options)")
+    fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    locality: dict[str, LocalitySource] = Field(default_factory=dict)
+    default_locality: str = "record"
+    rome_neighbourhood: bool = False
+    labels: tuple[str, ...] = ()
+    label_seed: int = 0
+    rephrase_file: str | None = None
+    prepare: dict[str, Any] = Field(default_factory=dict)
+    generate: dict[str, Any] = Field(default_factory=dict)
+    source: dict[str, Any] = Field(default_factory=dict)
+    licence: str = ""
+    citation: str = ""
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v or not set(v) <= {"all", *SPLITS}:
+            raise ValueError(f"must map some of all/train/val/test to paths, got {v!r}")
+        return v
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        if not set(v) <= set(SPLITS) or any(x < 0 for x in v.values()):
+            raise ValueError(f"must map splits (train/val/test) to non-negative fractions, got {v!r}")
+        return v
+
+
+def available_cards() -> list[str]:
+    """Names of the dataset cards shipped in ``datasets/``."""
+    return sorted(p.stem for p in CARDS_DIR.glob("*.yaml"))
+
+
+def load_card(name: str) -> DatasetCard:
+    """Parse and validate the card of dataset ``name``; an invalid card raises :class:`DataError` naming the
+    file, the key and what would be valid."""
+    from bench.data.readers import READERS
+
+    path = CARDS_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(available_cards())}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise DataError(f"{path.name}: a card is a mapping of keys, got {type(raw).__name__}")
+    if raw.get("reader") not in READERS:
+        raise DataError(f"{path.name}: reader {raw.get('reader')!r} unknown; valid: {', '.join(READERS)}")
+    loc = {"record": {"name": "record"}}
+    for lname, lraw in (raw.get("locality") or {}).items():
+        loc[lname] = {"name": lname, **(lraw or {})}
+    body = {k: v for k, v in raw.items() if v is not None or k in ("rephrase_file",)}
+    try:
+        return DatasetCard.model_validate({**body, "name": name, "locality": loc})
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        valid = ", ".join(sorted(DatasetCard.model_fields)) if err["type"] == "extra_forbidden" else ""
+        raise DataError(f"{path.name}: {key}: " + (f"unknown key; valid: {valid}" if valid else err["msg"])) from None

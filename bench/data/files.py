@@ -1,0 +1,129 @@
+"""Data files: the data root, lookup, hashing, atomic writes, packing for cluster workers, public downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+from bench.data.cards import REPO_ROOT, DatasetCard
+from bench.data.records import DataError
+
+
+def fetch_public(card: DatasetCard, split_key: str) -> Path:
+    """Download the card's public file for ``split_key`` (``source.files``) into the cache once; needs internet.
+
+    Used for ``datasets[].source: public`` in a sweep; raises :class:`DataError` naming the URL on failure.
+    """
+    import urllib.request
+
+    from bench.cache import cache_root
+
+    urls = (card.source or {}).get("files") or {}
+    if split_key not in urls:
+        raise DataError(f"datasets/{card.name}.yaml: source.files has no {split_key!r} URL (has: {', '.join(urls)})")
+    url = urls[split_key]
+    dest = cache_root() / "data" / card.name / Path(url).name
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            urllib.request.urlretrieve(url, dest.with_suffix(dest.suffix + ".part"))
+        except OSError as e:
+            raise DataError(f"could not download {url} for dataset {card.name}: {e}") from None
+        dest.with_suffix(dest.suffix + ".part").replace(dest)
+    return dest
+
+
+def data_root_candidates(data_root: str | os.PathLike | None = None) -> list[Path]:
+    """Places searched for the data root, in order: the sweep's value, $EDITBENCH_DATA, ../shared/data."""
+    if data_root:
+        return [Path(data_root).expanduser()]
+    out = []
+    if os.environ.get("EDITBENCH_DATA"):
+        out.append(Path(os.environ["EDITBENCH_DATA"]).expanduser())
+    out += [Path.cwd().parent / "shared" / "data", REPO_ROOT.parent / "shared" / "data"]
+    return out
+
+
+def resolve_file(rel: str, data_root: str | os.PathLike | None = None) -> Path:
+    """Absolute path of a data file; a missing file raises :class:`DataError` naming every place tried."""
+    p = Path(rel).expanduser()
+    if p.is_absolute():
+        if p.exists():
+            return p
+        raise DataError(f"data file not found: {p}")
+    tried = []
+    for root in data_root_candidates(data_root):
+        cand = (root / rel).resolve()
+        if cand.exists():
+            return cand
+        tried.append(str(cand))
+    raise DataError(
+        f"data file {rel!r} not found; tried: {'; '.join(tried)} (set data_root in the sweep or $EDITBENCH_DATA)"
+    )
+
+
+def read_text(path: Path) -> str:
+    """A data file's text; a file that is not UTF-8 (or cannot be read) is a :class:`DataError` naming it."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); data files must be UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes (memoised per path, size and modification time)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write ``path`` whole or not at all (a temp file beside it, then a rename): a process killed mid-write
+    leaves no truncated file for the next one to trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+def pack_files(files: dict[str, Path]) -> dict[str, bytes]:
+    """The bytes of each file, by the relative path it will have under a data root (see :func:`unpack_files`).
+    The driver reads the data once and ships it with the trials: workers need no shared file system."""
+    out = {}
+    for rel, path in files.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"packed data path {rel!r} must be relative and stay inside the data root")
+        out[rel] = path.read_bytes()
+    return out
+
+
+def unpack_files(bundle: dict[str, bytes], parent: Path | None = None) -> Path:
+    """Write a :func:`pack_files` bundle under a data root named by its content (reused when already there,
+    written atomically per file) and return that root, for ``data_root`` of a trial on any node."""
+    import tempfile
+
+    h = hashlib.sha256()
+    for rel in sorted(bundle):
+        h.update(rel.encode() + b"\0" + hashlib.sha256(bundle[rel]).digest())
+    root = (parent or Path(tempfile.gettempdir())) / f"editbench-data-{h.hexdigest()[:16]}"
+    for rel, blob in bundle.items():
+        dest = root / rel
+        if not (dest.exists() and dest.stat().st_size == len(blob)):
+            write_atomic(dest, blob)
+    return root

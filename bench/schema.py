@@ -1,0 +1,75 @@
+"""The one declaration of every metric a trial logs: name, style, better direction, whether it has a 95% CI, what
+it is a mean over, whether every trial run must carry it and whether the printed summary shows it.
+
+``bench.metrics`` (aggregation, ``style.*`` tags), ``bench.trial`` (the required set) and ``bench.run`` (the
+summary's columns) derive from :data:`METRICS`; tag names live in ``bench.tracking``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Style = Literal["mend", "easyedit", "rome", "cost", "sequential", "training"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One logged metric. ``per``: ``edit`` (mean over test edits), ``batch`` (mean over edit calls), ``run`` (one
+    value per trial); ``higher``: True when higher is better, False when lower is, None when neither."""
+
+    name: str
+    style: Style
+    higher: bool | None
+    ci: bool = False
+    per: Literal["edit", "batch", "run"] = "edit"
+    required: bool = False
+    summary: bool = False
+    description: str = ""
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("es", "mend", True, ci=True, required=True, summary=True,
+           description="edit success: every target token is the argmax on x'_e"),
+    Metric("edit_acc", "mend", True, ci=True, required=True, summary=True, description="the same on x_e"),
+    Metric("loc_acc_pre", "mend", None, required=True, description="locality answer exact match before the edit"),
+    Metric("loc_acc_post", "mend", True, required=True, description="... after the edit"),
+    Metric("drawdown", "mend", False, ci=True, required=True, summary=True,
+           description="loc_acc_pre - loc_acc_post (generation: ppl_post / ppl_pre - 1)"),
+    Metric("es_pre", "mend", None, description="ES of the unedited model"),
+    Metric("ppl_pre", "mend", None, description="locality passage perplexity before (generation)"),
+    Metric("ppl_post", "mend", False, description="... after (generation)"),
+    Metric("token_acc_edit", "easyedit", True, ci=True, description="token accuracy on x_e (reliability)"),
+    Metric("token_acc_rephrase", "easyedit", True, ci=True, required=True,
+           description="token accuracy on x'_e (generalisation)"),
+    Metric("loc_agree", "easyedit", True, ci=True, required=True, summary=True,
+           description="locality answer tokens whose argmax is unchanged"),
+    Metric("loc_kl", "easyedit", False, ci=True, required=True, summary=True,
+           description="KL(pre || post) on the locality answer tokens"),
+    Metric("efficacy", "rome", True, ci=True, description="p(new) > p(true) on x_e"),
+    Metric("paraphrase", "rome", True, ci=True, description="p(new) > p(true) on x'_e"),
+    Metric("neighbourhood", "rome", True, ci=True, description="p(true) > p(new) on x_loc"),
+    Metric("edit_time_s", "cost", False, per="batch", required=True, summary=True, description="seconds per edit call"),
+    Metric("edit_steps", "cost", False, per="batch", required=True, description="optimiser steps per edit call"),
+    Metric("edit_peak_mem_mb", "cost", False, per="batch", required=True, summary=True,
+           description="peak memory of an edit call above its start"),
+    Metric("retention_es", "sequential", True, per="run", summary=True,
+           description="sequential: ES on every edit made so far, at a checkpoint"),
+    Metric("retention_edit_acc", "sequential", True, per="run", description="... edit accuracy"),
+    Metric("retention_loc_agree", "sequential", True, per="run", description="... locality agreement with the original"),
+    Metric("retention_loc_kl", "sequential", False, per="run", description="... locality KL against the original"),
+    Metric("retention_drawdown", "sequential", False, per="run", description="... drawdown against the original"),
+    Metric("train_time_s", "training", False, per="run", summary=True, description="editor training wall time"),
+)
+
+BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
+#: Per-edit metrics aggregated by ``bench.metrics.aggregate`` (name -> style; logged as ``style.<name>`` tags).
+STYLES: dict[str, str] = {m.name: m.style for m in METRICS if m.per in ("edit", "batch")}
+#: Aggregates that get a ``<name>_ci95`` half-width.
+WITH_CI: tuple[str, ...] = tuple(m.name for m in METRICS if m.ci)
+#: Every trial's run carries at least these, with the CI half-widths of those that have one (others may be added).
+REQUIRED: tuple[str, ...] = tuple(m.name for m in METRICS if m.required) + tuple(
+    f"{m.name}_ci95" for m in METRICS if m.required and m.ci)
+#: Metrics shown in ``bench.run``'s printed summary, in this order (ES with its CI).
+SUMMARY: tuple[str, ...] = tuple(x for m in METRICS if m.summary
+                                 for x in ((m.name, f"{m.name}_ci95") if m.name == "es" else (m.name,)))

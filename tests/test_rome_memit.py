@@ -1,0 +1,173 @@
+"""ROME and MEMIT on tiny causal models: the closed form writes v* exactly, the key second moment is cached by
+its inputs, base weights never change, MEMIT reduces to ROME for one edit in one layer and writes a batch in one
+solve, and pairings they cannot edit are refused before any weight is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import tiny
+
+from bench.config import Sweep, SweepError, validate
+from bench.data import DataError, edit_batch, load_task
+from methods.base import weights_digest
+from methods.locate import io_at, optimise_value, second_moment
+from methods.memit import MEMIT
+from methods.rome import ROME
+
+SMALL = {"mom2_n_tokens": 4000, "v_num_grad_steps": 6, "context_lengths": [[6, 2]]}
+
+
+@pytest.fixture(scope="module")
+def cf():
+    return load_task("counterfact", sizes={"train": 16, "val": 4, "test": 4})
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("EDITBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gpt2"])  # nn.Linear (out, in) and GPT-2's Conv1D (in, out)
+def test_rome_writes_v_star_at_the_key_exactly(alias, cf) -> None:
+    m = tiny(alias)
+    rec = cf["test"][0]
+    ed = ROME(m, SMALL)
+    assert ed.model.edit_params == [f"{m.mlp_out(ed.layer)}.weight"]
+    edit = ed.edit(edit_batch(m, [rec]))
+    module = m.mlp_out(ed.layer)
+    v = optimise_value(m, module, rec, ed.templates(), ed.hparams)  # deterministic: the same v* again
+    k_before, out_before = io_at(m, module, [rec])
+    k_after, out_after = io_at(m, module, [rec], edit.deltas)
+    assert torch.allclose(k_after, k_before)  # the key is computed below the edited weight
+    assert not torch.allclose(out_before[0], v.target, atol=1e-3)
+    assert torch.allclose(out_after[0], v.target, atol=1e-4 * float(v.target.norm()) + 1e-5)
+    (delta,) = edit.deltas.values()
+    assert torch.linalg.matrix_rank(delta.double(), rtol=1e-6) == 1
+
+
+def test_rome_never_mutates_base_weights_and_edits_only_its_layer(cf) -> None:
+    m = tiny("tiny-llama")
+    before = weights_digest(m)
+    ed = ROME(m, {**SMALL, "layers": [2]})
+    edit = ed.edit(edit_batch(m, list(cf["test"][:2])))
+    assert weights_digest(m) == before
+    assert list(edit.deltas) == ["model.layers.2.mlp.down_proj.weight"]
+    assert m.edit_params != ed.model.edit_params  # the editor's view, not the model's default, chose the weight
+
+
+def test_second_moment_is_cached_by_its_inputs(monkeypatch) -> None:
+    import bench.data.files
+
+    m = tiny("tiny-gpt2")
+    hp = ROME.Hparams(mom2_n_tokens=1500, mom2_seq_len=64)
+    module = m.mlp_out(1)
+    c1, hit1 = second_moment(m, module, hp, None)
+    assert c1.shape == (128, 128) and torch.allclose(c1, c1.T)
+    assert torch.linalg.eigvalsh(c1).min() > -1e-8  # a second moment is positive semi-definite
+
+    def no_corpus_pass(*a, **k):  # a cache hit must not read (or run) the corpus
+        raise AssertionError("corpus read on a cache hit")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(bench.data.files, "read_text", no_corpus_pass)
+        c2, hit2 = second_moment(m, module, hp, None)
+    assert not hit1 and hit2 and torch.equal(c1, c2)
+    for changed in (hp.model_copy(update={"mom2_n_tokens": 1000}), hp.model_copy(update={"mom2_seq_len": 32})):
+        c3, hit3 = second_moment(m, module, changed, None)
+        assert not hit3 and not torch.equal(c1, c3)
+    _, hit4 = second_moment(m, m.mlp_out(2), hp, None)  # another layer is another entry
+    assert not hit4
+
+
+def test_memit_with_one_edit_and_one_layer_is_rome(cf) -> None:
+    """Sherman-Morrison: with lambda -> 0, no prefixes (k* = the bare prompt's key) and the same value objective
+    (no weight decay or clamp, whose scales differ: MLP output vs residual norm), MEMIT's update is ROME's."""
+    m = tiny("tiny-llama")
+    same = {"layers": [1], "context_lengths": [], "v_weight_decay": 0.0, "clamp_norm_factor": 1e6,
+            "mom2_n_tokens": 4000, "v_num_grad_steps": 8}
+    rome = ROME(m, same).edit(edit_batch(m, cf["test"][:1]))
+    memit = MEMIT(m, {**same, "mom2_update_weight": 1e-9}).edit(edit_batch(m, cf["test"][:1]))
+    (name,) = rome.deltas
+    assert list(memit.deltas) == [name]
+    assert torch.allclose(memit.deltas[name], rome.deltas[name], atol=1e-5 * float(rome.deltas[name].abs().max()))
+
+
+def test_memit_writes_a_batch_in_one_solve_over_a_band(cf) -> None:
+    """Three requests, layers 0-2: every request's last-layer output reaches its own z (lambda -> 0, keys of
+    the bare prompts, so the last layer's least squares is exact) and every layer of the band is updated."""
+    m = tiny("tiny-llama")
+    hp = {"layers": [0, 1, 2], "context_lengths": [], "mom2_n_tokens": 4000, "v_num_grad_steps": 6,
+          "mom2_update_weight": 1e-9}
+    recs = list(cf["test"][:3])
+    ed = MEMIT(m, hp)
+    edit = ed.edit(edit_batch(m, recs))
+    assert sorted(edit.deltas) == sorted(f"model.layers.{i}.mlp.down_proj.weight" for i in range(3))
+    z_mod = m.block(2)
+    zs = torch.stack([optimise_value(m, z_mod, r, ed.templates(), ed.hparams).target for r in recs])
+    _, before = io_at(m, z_mod, recs)
+    _, after = io_at(m, z_mod, recs, edit.deltas)
+    assert (before - zs).norm() > 1e-2
+    assert torch.allclose(after, zs, atol=1e-3 * float(zs.norm()))
+    assert all(torch.linalg.matrix_rank(d.double(), rtol=1e-6) <= 3 for d in edit.deltas.values())
+
+
+def test_records_without_a_subject_are_refused(cf) -> None:
+    m = tiny("tiny-llama")
+    rec = dataclasses.replace(cf["test"][0], subject=None)
+    with pytest.raises(DataError, match="need the record's subject"):
+        ROME(m, SMALL).edit(edit_batch(m, [rec]))
+    rec = dataclasses.replace(cf["test"][0], subject="Nobody Atall")
+    with pytest.raises(DataError, match="does not occur in the prompt"):
+        MEMIT(m, SMALL).edit(edit_batch(m, [rec]))
+
+
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_validation_refuses_models_and_tasks_they_cannot_edit(method) -> None:
+    with pytest.raises(SweepError, match=rf"methods\.0 \({method}\) edits causal models; models\.0 \('tiny-t5'\) is "
+                                         r"seq2seq"):
+        validate(Sweep(name="x", n_edits=2, models=["tiny-t5"], datasets=["zsre"], methods=[{"name": method}]))
+    with pytest.raises(SweepError, match=rf"methods\.0 \({method}\) edits causal models; datasets\.0 \(fever\) is a "
+                                         r"classification task"):
+        validate(Sweep(name="x", n_edits=2, models=["tiny-gpt2"], datasets=["fever"], methods=[{"name": method}]))
+    with pytest.raises(SweepError, match=rf"methods\.0 \({method}\) reads nowhere/corpus\.txt"):
+        validate(Sweep(name="x", n_edits=2, models=["tiny-gpt2"], datasets=["zsre"],
+                       methods=[{"name": method, "hparams": {"mom2_corpus": "nowhere/corpus.txt"}}]))
+
+
+def test_editor_refuses_a_model_kind_it_does_not_support() -> None:
+    with pytest.raises(ValueError, match="rome edits causal models; tiny-t5 is seq2seq"):
+        ROME(tiny("tiny-t5"))
+
+
+def test_a_rome_run_edits_interactively_with_its_subject(tmp_path, capsys) -> None:
+    """bench.edit rebuilds a ROME run (its layer and list-valued hparams from the logged params), needs --subject,
+    and chains --then edits on the model as already edited without touching a weight."""
+    from bench.config import plan
+    from bench.edit import main as edit_main
+    from bench.tracking import prepare_experiment, runs_frame
+    from bench.trial import run_trial
+
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    sweep = Sweep(name="r", n_edits=2, models=["tiny-llama"],
+                  datasets=[{"name": "counterfact", "n_train": 8, "n_val": 2}],
+                  methods=[{"name": "rome", "hparams": {**SMALL, "layers": 2}}])
+    (point,) = plan(sweep)
+    prepare_experiment(uri, "r")
+    run_trial(point, uri, "r")
+    df = runs_frame(uri, "r")
+    assert df["p.edit_params"][0] == "model.layers.2.mlp.down_proj.weight"
+    rid = df["run_id"][0]
+    args = ["--run", rid, "--tracking-uri", uri, "--prompt", "Paris is the capital of", "--target", "Italy",
+            "--max-new-tokens", "2"]
+    capsys.readouterr()  # the trial's own output
+    assert edit_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --subject: rome needs the subject") and len(err.splitlines()) == 1
+    assert edit_main([*args, "--subject", "Rome"]) == 2
+    assert "does not occur in 'Paris is the capital of'" in capsys.readouterr().err
+    assert edit_main([*args, "--subject", "Paris", "--then", "Paris is in=Spain"]) == 0
+    out = capsys.readouterr().out
+    assert "after edit 2 ('Paris is in' -> 'Spain')" in out
