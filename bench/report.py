@@ -9,7 +9,8 @@ Writes, from the FINISHED trial runs of the experiment (read with MLflow's searc
    decided from evidence in the runs, with the evidence beside it, or "no evidence" when the runs hold none.
 2. Table 3/4 style: editors x (dataset / model), ES and drawdown as mean +- 95% CI with the number of edits;
    the best ES per column is marked.
-3. Table 5 style: ES and drawdown against edit batch size per editor.
+3. ROME style, on tasks with ROME's neighbourhood score (CounterFact): efficacy, paraphrase, neighbourhood beside ES.
+   Table 5 style: ES and drawdown against edit batch size per editor.
 4. Cost table: training wall time and peak memory, edit latency and peak memory, optimiser steps per edit.
 5. Retention (sequential runs): ES on ALL edits made so far after k sequential edits, per editor, at every
    checkpoint, with locality agreement against the original model at the last one.
@@ -210,6 +211,26 @@ def table_results(df: Any) -> tuple[list[str], list[list[str]], str]:
             "mean ± 95% CI over n edits; bold = best ES in the column; smallest edit batch size of each column."
             + _budget_footnote(limited))
     return header, rows, note
+
+
+def table_rome(df: Any) -> tuple[list[str], list[list[str]], str]:
+    """ROME-style scores (efficacy, paraphrase, neighbourhood) beside the MEND-style ES, per editor and dataset /
+    model, at the smallest batch size, for the tasks that have ROME's neighbourhood score (CounterFact); empty
+    when no run has it."""
+    keys = ("efficacy", "paraphrase", "neighbourhood")
+    header = ["dataset / model", "editor", "efficacy", "paraphrase", "neighbourhood", "ES (MEND)"]
+    rows = []
+    for ds, model, m in sorted({(r["dataset"], r["model"], r["method"])
+                                for r in df.select("dataset", "model", "method").to_dicts()}):
+        bs = int(df.filter((df["dataset"] == ds) & (df["model"] == model))["bs"].min())
+        runs = _cell_runs(df, method=m, dataset=ds, model=model, bs=bs)
+        if not any(r.get("neighbourhood") is not None for r in runs):
+            continue
+        cells = [_pm(*_pooled(runs, k)[:2]) for k in (*keys, "es")]
+        rows.append([f"{ds} / {model}", m, *cells])
+    return header, rows, ("ROME style (Meng et al. 2022), where the true answer is known: efficacy p(new) > p(true) on "
+                          "x_e, paraphrase the same on x'_e, neighbourhood p(true) > p(new) on x_loc (CounterFact); "
+                          "mean ± 95% CI; ES = MEND-style edit success on x'_e, for comparison.")
 
 
 def table_batch(df: Any) -> tuple[list[str], list[list[str]], str]:
@@ -473,6 +494,7 @@ def _save(fig: Any, path: Path) -> Path:
 TITLES = {
     "table1": "Table 1 (measured): editor properties",
     "results": "Table 3/4 style: edit success and drawdown",
+    "rome": "ROME-style scores (true answer known)",
     "batch": "Table 5 style: batched edits",
     "cost": "Cost",
     "retention": "Sequential editing: retention",
@@ -538,9 +560,12 @@ def build(uri: str, experiment: str, out: Path, formats: list[str]) -> Report:
     ind = df.filter(pl.col("mode") == "independent")
     tables: list[tuple[str, Any, Any]] = [("table1", table_properties, df)]
     if not ind.is_empty():
-        tables += [("results", table_results, ind), ("batch", table_batch, ind), ("cost", table_cost, ind)]
+        tables += [("results", table_results, ind), ("rome", table_rome, ind), ("batch", table_batch, ind),
+                   ("cost", table_cost, ind)]
     for key, fn, frame in tables:
         header, rows, note = fn(frame)
+        if key == "rome" and not rows:
+            continue  # no run knows the true answers
         rep.tables[key] = (header, rows)
         rep.notes[key] = note
     curves = retention_curves(uri, df)

@@ -159,6 +159,11 @@ def test_a_rome_run_edits_interactively_with_its_subject(tmp_path, capsys) -> No
     run_trial(point, uri, "r")
     df = runs_frame(uri, "r")
     assert df["p.edit_params"][0] == "model.layers.2.mlp.down_proj.weight"
+    from bench.report import build
+
+    header, rows = build(uri, "r", tmp_path / "rep", ["md"]).tables["rome"]  # CounterFact: ROME-style table
+    assert header[2:] == ["efficacy", "paraphrase", "neighbourhood", "ES (MEND)"] and rows[0][1] == "rome"
+    assert rows[0][2] == f"{df['efficacy'][0]:.3f} ± {df['efficacy_ci95'][0]:.3f}"
     rid = df["run_id"][0]
     args = ["--run", rid, "--tracking-uri", uri, "--prompt", "Paris is the capital of", "--target", "Italy",
             "--max-new-tokens", "2"]
