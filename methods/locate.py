@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from pydantic import Field, PositiveInt, conlist, field_validator
@@ -23,7 +23,7 @@ from bench.data.batches import EditBatch, collate, stack_batches
 from bench.data.files import resolve_file
 from bench.data.records import DataError, EditRecord
 from bench.models import EditableModel, StopForward
-from methods.base import Hparams
+from methods.base import Editor, Hparams
 
 log = logging.getLogger(__name__)
 
@@ -350,3 +350,39 @@ def as_weight(model: EditableModel, name: str, upd_out_in: Tensor) -> Tensor:
     if upd.shape != w.shape:
         raise ValueError(f"update of shape {tuple(upd.shape)} does not fit {name} {tuple(w.shape)}")
     return upd.to(w.dtype)
+
+
+class LocateEditor(Editor):
+    """What ROME and MEMIT share as editors: causal models only, requests must name their subject, the context
+    templates sampled once from the unedited model (after :meth:`starts`), the corpus file of the key statistics,
+    and those statistics kept in memory once loaded (the disk cache is read once per module, not once per edit)."""
+
+    supported_kinds: ClassVar[tuple[str, ...]] = ("causal",)
+    needs_subject = True
+    hparams: LocateHparams
+
+    def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
+                 data_root: str | None = None) -> None:
+        super().__init__(model, hparams, data_root)
+        self._templates: list[str] | None = None
+        self._moments: dict[str, Tensor] = {}
+
+    def starts(self) -> list[str]:
+        """Texts the prefixes are sampled after (ROME: the BOS-like token; MEMIT overrides)."""
+        return default_starts(self.model)
+
+    def templates(self) -> list[str]:
+        """The context templates ("{}" plus sampled prefixes), computed at the first edit and kept."""
+        if self._templates is None:
+            self._templates = context_templates(self.model, self.hparams, self.starts())
+        return self._templates
+
+    def moment(self, module: str) -> Tensor:
+        """C = E[k k^T] of ``module``'s input (:func:`second_moment`), loaded once per editor."""
+        if module not in self._moments:
+            self._moments[module] = second_moment(self.model, module, self.hparams, self.data_root)[0]
+        return self._moments[module]
+
+    @classmethod
+    def data_files(cls, hparams: Mapping[str, Any]) -> list[str]:
+        return [cls.Hparams(**dict(hparams)).mom2_corpus]

@@ -22,7 +22,7 @@ k^T C^-1 k grows like d_in). Causal models only.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 import torch
 from pydantic import Field, PositiveInt, conlist
@@ -30,9 +30,9 @@ from torch import Tensor
 
 from bench.data.batches import EditBatch
 from bench.models import EditableModel
-from methods.base import Edit, Editor, Hparams
-from methods.locate import (LocateHparams, as_weight, context_templates, default_layer, io_at, keys_at,
-                            optimise_value, require_causal, second_moment)
+from methods.base import Edit, Hparams
+from methods.locate import (LocateEditor, LocateHparams, as_weight, default_layer, io_at, keys_at, optimise_value,
+                            require_causal)
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,12 @@ class MEMITHparams(LocateHparams):
     mom2_update_weight: float | None = Field(default=None, gt=0, description="lambda; None: the model's default")
 
 
-class MEMIT(Editor):
+class MEMIT(LocateEditor):
     """Batched multi-layer closed-form editing."""
 
     name = "memit"
     Hparams = MEMITHparams
     hparams: MEMITHparams
-    supported_kinds: ClassVar[tuple[str, ...]] = ("causal",)
-    needs_subject = True
-    STARTS: ClassVar[list[str]] = ["The", "Therefore", "Because", "I", "You"]
 
     def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
                  data_root: str | None = None) -> None:
@@ -81,7 +78,6 @@ class MEMIT(Editor):
                 d_in = self.model.io_dims(f"{model.mlp_out(self.layers[0])}.weight")[0]
                 lam = 15000.0 * d_in / 16384
         self.lam = float(lam)
-        self._templates: list[str] | None = None
 
     @classmethod
     def select_weights(cls, model: EditableModel, hparams: Hparams) -> list[str]:
@@ -89,14 +85,8 @@ class MEMIT(Editor):
         layers = sorted(getattr(hparams, "layers", None) or default_layers(model))
         return [f"{model.mlp_out(layer)}.weight" for layer in layers]
 
-    @classmethod
-    def data_files(cls, hparams: Mapping[str, Any]) -> list[str]:
-        return [cls.Hparams(**dict(hparams)).mom2_corpus]
-
-    def templates(self) -> list[str]:
-        if self._templates is None:
-            self._templates = context_templates(self.model, self.hparams, self.STARTS)
-        return self._templates
+    def starts(self) -> list[str]:
+        return ["The", "Therefore", "Because", "I", "You"]  # kmeng01/memit get_context_templates
 
     def edit(self, batch: EditBatch) -> Edit:
         if not batch.records:
@@ -113,8 +103,7 @@ class MEMIT(Editor):
                 ks = keys_at(m, module, recs, self.templates()).T.double()  # (d_in, n)
                 cur = io_at(m, z_module, recs)[1].T.double()  # (d, n)
             resid = (zs.double() - cur) / (len(self.layers) - i)
-            c, _ = second_moment(m, module, self.hparams, self.data_root)
-            adj = torch.linalg.solve(self.lam * c + ks @ ks.T, ks)  # (d_in, n)
+            adj = torch.linalg.solve(self.lam * self.moment(module).double() + ks @ ks.T, ks)  # (d_in, n)
             deltas[name] = as_weight(m, name, resid @ adj.T)
         return Edit(deltas, steps=sum(v.steps for v in values),
                     info={"v_nll": sum(v.nll for v in values) / len(values)})

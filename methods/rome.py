@@ -30,16 +30,16 @@ only.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from bench.data.batches import EditBatch
 from bench.models import EditableModel
-from methods.base import Edit, Editor, Hparams
-from methods.locate import (LocateHparams, as_weight, context_templates, default_layer, default_starts, io_at,
-                            keys_at, optimise_value, require_causal, second_moment)
+from methods.base import Edit, Hparams
+from methods.locate import (LocateEditor, LocateHparams, as_weight, default_layer, io_at, keys_at, optimise_value,
+                            require_causal)
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,12 @@ class ROMEHparams(LocateHparams):
     mom2_adjustment: bool = True
 
 
-class ROME(Editor):
+class ROME(LocateEditor):
     """Rank-one update of one MLP output projection per request."""
 
     name = "rome"
     Hparams = ROMEHparams
     hparams: ROMEHparams
-    supported_kinds: ClassVar[tuple[str, ...]] = ("causal",)
-    needs_subject = True
 
     def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
                  data_root: str | None = None) -> None:
@@ -66,18 +64,12 @@ class ROME(Editor):
         if len(layers) != 1:
             raise ValueError(f"rome.layers: ROME edits one block, got {layers}; use memit for several")
         self.layer = layers[0]
-        self._templates: list[str] | None = None
 
     @classmethod
     def select_weights(cls, model: EditableModel, hparams: Hparams) -> list[str]:
         require_causal(model, cls.name)
         layers = getattr(hparams, "layers", None) or [default_layer(model)]
         return [f"{model.mlp_out(layers[0])}.weight"]
-
-    def templates(self) -> list[str]:
-        if self._templates is None:
-            self._templates = context_templates(self.model, self.hparams, default_starts(self.model))
-        return self._templates
 
     @classmethod
     def data_files(cls, hparams: Mapping[str, Any]) -> list[str]:
@@ -89,8 +81,7 @@ class ROME(Editor):
         k = keys_at(self.model, module, [record], self.templates())[0]
         u = k.double()
         if self.hparams.mom2_adjustment:
-            c, _ = second_moment(self.model, module, self.hparams, self.data_root)
-            u = torch.linalg.solve(c, u)
+            u = torch.linalg.solve(self.moment(module), u)
         return (u / u.norm()).to(k.dtype)
 
     def edit(self, batch: EditBatch) -> Edit:
