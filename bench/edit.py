@@ -14,6 +14,7 @@ and composed with the previous ones.
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 class EditCliError(ValueError):
@@ -92,7 +95,7 @@ def load_editor_from_run(uri: str, run_id: str, chain: list[tuple[str, str]] | N
     hparams = {k[len("hparams."):]: typed(v) for k, v in p.items() if k.startswith("hparams.")}
     edit_params = p.get("edit_params", "").split(",") if p.get("edit_params") else None
     has_ckpt = any(a.path == "editor" for a in c.list_artifacts(run_id))
-    if cls.requires_training and not has_ckpt:
+    if cls.learned and not has_ckpt:
         raise EditCliError(f"run {run_id} ({p['method_class']}) has no editor checkpoint artifact to load")
     if cls.needs_subject and chain is not None:
         from bench import cli
@@ -120,6 +123,9 @@ def load_editor_from_run(uri: str, run_id: str, chain: list[tuple[str, str]] | N
         with tempfile.TemporaryDirectory() as tmp:
             local = c.download_artifacts(run_id, "editor", tmp)
             editor.load(Path(local))
+    elif cls.has_fit_step:  # not learned: the fit step prepares what every edit reads (ROME's statistics, cached)
+        log.info("%s: running its fit step (statistics are cached after the first time)", cls.name)
+        editor.fit([], [])
     return model, editor
 
 

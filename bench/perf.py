@@ -191,7 +191,7 @@ def run(model_name: str, batch_size: int, repeats: int, warmup: int, ft_steps: i
     res["mem.mend_train_mb"] = _memory_subprocess(model_name, "mend", "train", batch_size, device)
     res["mem.mend_edit_mb"] = _memory_subprocess(model_name, "mend", "edit", batch_size, device)
     for name, cls in sorted(REGISTRY.items()):
-        if cls.requires_training and name != "mend":
+        if cls.learned and name != "mend":
             res[f"mem.{name}_train_mb"] = _memory_subprocess(model_name, name, "train", batch_size, device)
             res[f"ratio.mend_over_{name}_train_mem"] = res["mem.mend_train_mb"] / max(res[f"mem.{name}_train_mb"], 1e-9)
     return res

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.schema import BY_NAME
 from bench.tracking import FIT_STOP_TAG, TRAINED_FROM_TAG
 from methods.base import BUDGET_LIMITED
 from bench.tracking import KIND_TAG as REPORT_TAG  # one place for tag names
@@ -137,10 +138,13 @@ def _cell_runs(df: Any, **eq: Any) -> list[dict]:
 
 
 def _pooled(runs: list[dict], key: str) -> tuple[float, float, int]:
-    """Edit-weighted mean of a metric over runs, its pooled CI half-width, and the number of edits."""
+    """Edit-weighted mean of a metric over runs, its pooled CI half-width (NaN for a metric the schema declares
+    without one), and the number of edits. ``key`` must be a metric of :data:`bench.schema.METRICS`."""
+    if key not in BY_NAME:
+        raise KeyError(f"report: {key!r} is not a metric of bench.schema.METRICS")
     ns = [_num(r, "n_edits") for r in runs]
     vals = [_num(r, key) for r in runs]
-    cis = [_num(r, f"{key}_ci95") for r in runs]
+    cis = [_num(r, f"{key}_ci95") if BY_NAME[key].ci else float("nan") for r in runs]
     pairs = [(n, v, c) for n, v, c in zip(ns, vals, cis) if not math.isnan(v)]
     if not pairs:
         return float("nan"), float("nan"), 0
@@ -148,6 +152,12 @@ def _pooled(runs: list[dict], key: str) -> tuple[float, float, int]:
     mean = sum(n * v for n, v, _ in pairs) / total
     ci = math.sqrt(sum((n / total) ** 2 * c ** 2 for n, _, c in pairs if not math.isnan(c)))
     return mean, ci, int(total)
+
+
+def _glossary(*names: str) -> str:
+    """The schema's description of each metric, with its better direction: the footnote of a table."""
+    arrow = {True: " (higher is better)", False: " (lower is better)", None: ""}
+    return "; ".join(f"{n} = {BY_NAME[n].description}{arrow[BY_NAME[n].higher]}" for n in names)
 
 
 def budget_limited(runs: list[dict]) -> list[str]:
@@ -228,9 +238,9 @@ def table_rome(df: Any) -> tuple[list[str], list[list[str]], str]:
             continue
         cells = [_pm(*_pooled(runs, k)[:2]) for k in (*keys, "es")]
         rows.append([f"{ds} / {model}", m, *cells])
-    return header, rows, ("ROME style (Meng et al. 2022), where the true answer is known: efficacy p(new) > p(true) on "
-                          "x_e, paraphrase the same on x'_e, neighbourhood p(true) > p(new) on x_loc (CounterFact); "
-                          "mean ± 95% CI; ES = MEND-style edit success on x'_e, for comparison.")
+    return header, rows, ("ROME style (Meng et al. 2022), where the true answer is known (CounterFact): "
+                          + _glossary(*keys) + "; ES (MEND) = " + _glossary("es").split(" = ", 1)[1]
+                          + ", for comparison; mean ± 95% CI.")
 
 
 def table_batch(df: Any) -> tuple[list[str], list[list[str]], str]:

@@ -152,7 +152,7 @@ def _build_and_fit(spec: TrialSpec, data: _Prepared, run: Any, tracking_uri: str
     run.log_params({"edit_params": ",".join(editor.model.edit_params)})  # the editor's choice of weights
     digest_before = weights_digest(model)
     source = None
-    if editor_cls.requires_training:  # train once: a FINISHED run trained the same way lends its checkpoint
+    if editor_cls.learned:  # train once: a FINISHED run trained the same way lends its checkpoint
         key = training_key(spec.model_dump(), editor, editor.model, task, data.prep_key)
         run.set_tags({tracking.TRAIN_KEY_TAG: key})
         if not spec.retrain:
@@ -176,7 +176,7 @@ def _build_and_fit(spec: TrialSpec, data: _Prepared, run: Any, tracking_uri: str
     digest_after = weights_digest(model)
     run.set_tags({"base_weights_sha256.before": digest_before, "base_weights_sha256.after": digest_after,
                   "base_model_changed": str(digest_before != digest_after), tracking.FIT_STOP_TAG: fit.stop_reason})
-    return _Fitted(editor, fit, fit_s, fit_mem.mb if editor_cls.requires_training else 0.0, source)
+    return _Fitted(editor, fit, fit_s, fit_mem.mb if editor_cls.has_fit_step else 0.0, source)
 
 
 def _log_results(spec: TrialSpec, run: Any, data: _Prepared, fitted: _Fitted, result: Any, t_start: float
@@ -234,7 +234,8 @@ def run_trial(cfg: TrialSpec | Mapping[str, Any], tracking_uri: str, experiment:
         "method": spec.method_label,
         "model": spec.model.name,
         "dataset": spec.dataset.name,
-        "requires_training": str(editor_cls.requires_training),
+        "learned": str(editor_cls.learned),
+        "has_fit_step": str(editor_cls.has_fit_step),
         "uses_training_data_at_edit_time": str(editor_cls.uses_training_data_at_edit_time),
         "modifies_base_model": str(editor_cls.modifies_base_model),
         **{f"style.{k}": v for k, v in STYLES.items()},

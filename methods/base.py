@@ -5,9 +5,11 @@ from parameter names to weight deltas; the model is evaluated with ``W + dW`` th
 ``torch.func.functional_call`` (see :meth:`EditableModel.logits`) and is never mutated by an edit. A batched edit
 is one ``edit`` call on B requests; sequential edits compose deltas with ``+``.
 
-Each editor declares ``requires_training`` (a learned editor: ``fit`` trains it on training edits),
-``uses_training_data_at_edit_time`` (reads training records when editing, like FT+KL), ``modifies_base_model``
-(its ``fit`` changes the pre-edit model, like ENN), the model kinds it supports (``supported_kinds``), which
+Each editor declares what it is with flags that each mean one thing: ``learned`` (``fit`` trains parameters on
+training edits; the state is a checkpoint, reused across trials trained the same way), ``has_fit_step`` (``fit``
+does work before the first edit: training, or statistics such as ROME's key second moment; its time and memory
+are logged as the fit's), ``uses_training_data_at_edit_time`` (reads training records when editing, like FT+KL),
+``modifies_base_model`` (its ``fit`` changes the pre-edit model, like ENN), the model kinds it supports (``supported_kinds``), which
 weights it edits (:meth:`Editor.select_weights`: by default the model's, i.e. the family's MLPs of the last blocks
 or the sweep's ``edit_params``; ROME one MLP output projection) and the data files it reads besides the task's
 (:meth:`Editor.data_files`, e.g. ROME's covariance corpus). Hyper-parameters are a pydantic model per method
@@ -105,6 +107,11 @@ class Editor:
 
     name: ClassVar[str] = "editor"
     Hparams: ClassVar[type[Hparams]] = Hparams
+    #: ``fit`` trains parameters (MEND, ENN, KE): a checkpoint, a training key, a budget that applies.
+    learned: ClassVar[bool] = False
+    #: ``fit`` does work before the first edit (every learned editor; ROME/MEMIT's key statistics).
+    has_fit_step: ClassVar[bool] = False
+    #: Former name of :attr:`learned`, kept for code written against it (set from ``learned`` on every subclass).
     requires_training: ClassVar[bool] = False
     uses_training_data_at_edit_time: ClassVar[bool] = False
     modifies_base_model: ClassVar[bool] = False
@@ -114,6 +121,12 @@ class Editor:
     supported_kinds: ClassVar[tuple[str, ...]] = ("causal", "seq2seq", "classifier")
     #: Whether each edit request must name its subject (``EditRecord.subject``; ROME and MEMIT locate it).
     needs_subject: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.learned and not cls.has_fit_step:
+            raise TypeError(f"{cls.__name__}: a learned editor has a fit step (set has_fit_step = True)")
+        cls.requires_training = cls.learned
 
     def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
                  data_root: str | None = None) -> None:
@@ -167,7 +180,9 @@ class Editor:
         budget: Budget | None = None,
         log_fn: StepLogger | None = None,
     ) -> FitResult:
-        """Prepare the editor on training edits. Editors that need no training do nothing."""
+        """Prepare the editor before its first edit: train it on training edits (learned editors) or compute what
+        every edit reads (ROME/MEMIT's statistics; the splits may then be empty). Editors without a fit step
+        (:attr:`has_fit_step` False) do nothing."""
         return FitResult()
 
     def edit(self, batch: EditBatch) -> Edit:
@@ -299,7 +314,8 @@ class LearnedEditor(Editor):
     :meth:`param_groups`.
     """
 
-    requires_training = True
+    learned = True
+    has_fit_step = True
     hparams: LearnedHparams
     #: What every validation reports (``log_fn`` and so a Tune scheduler see them), with the better direction.
     validation_metrics: ClassVar[dict[str, str]] = {

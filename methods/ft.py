@@ -93,6 +93,7 @@ class FTKL(FT):
     name = "ft_kl"
     Hparams = FTKLHparams
     uses_training_data_at_edit_time = True
+    has_fit_step = True  # keeps the training split as its locality pool (no training)
     hparams: FTKLHparams
 
     def __init__(self, model, hparams=None, data_root=None) -> None:  # type: ignore[no-untyped-def]

@@ -23,7 +23,7 @@ from bench.data.batches import EditBatch, collate, stack_batches
 from bench.data.files import resolve_file
 from bench.data.records import DataError, EditRecord
 from bench.models import EditableModel, StopForward
-from methods.base import Editor, Hparams
+from methods.base import Budget, Editor, FitResult, Hparams, StepLogger
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +359,7 @@ class LocateEditor(Editor):
 
     supported_kinds: ClassVar[tuple[str, ...]] = ("causal",)
     needs_subject = True
+    has_fit_step = True  # not learned: fit computes the templates and key statistics every edit reads
     hparams: LocateHparams
 
     def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
@@ -366,6 +367,21 @@ class LocateEditor(Editor):
         super().__init__(model, hparams, data_root)
         self._templates: list[str] | None = None
         self._moments: dict[str, Tensor] = {}
+
+    def uses_moment(self) -> bool:
+        """Whether edits read the key second moment (ROME can do without: ``mom2_adjustment: false``)."""
+        return True
+
+    def fit(self, train: Sequence[EditRecord], val: Sequence[EditRecord], budget: Budget | None = None,
+            log_fn: StepLogger | None = None) -> FitResult:
+        """Sample the context templates and load (or compute and cache) the key second moment of every edited
+        module, on the unedited model, so that no edit pays for them. Trains nothing; the splits are not read."""
+        t0 = time.time()
+        self.templates()
+        if self.uses_moment():
+            for name in self.model.edit_params:
+                self.moment(name.rsplit(".", 1)[0])
+        return FitResult(seconds=time.time() - t0)
 
     def starts(self) -> list[str]:
         """Texts the prefixes are sampled after (ROME: the BOS-like token; MEMIT overrides)."""

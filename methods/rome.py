@@ -76,6 +76,9 @@ class ROME(LocateEditor):
         hp = cls.Hparams(**dict(hparams))
         return [hp.mom2_corpus] if hp.mom2_adjustment else []
 
+    def uses_moment(self) -> bool:
+        return self.hparams.mom2_adjustment
+
     def left_vector(self, module: str, record: Any) -> Tensor:
         """u = C^-1 k* / ||C^-1 k*|| (k* alone without ``mom2_adjustment``), on the model as currently edited."""
         k = keys_at(self.model, module, [record], self.templates())[0]

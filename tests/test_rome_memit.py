@@ -82,6 +82,40 @@ def test_second_moment_is_cached_by_its_inputs(monkeypatch) -> None:
     assert not hit4
 
 
+def test_fit_step_prepares_what_edits_read_and_trains_nothing(cf, monkeypatch) -> None:
+    """ROME/MEMIT have a fit step (their statistics) but are not learned: fit computes the key second moment of
+    every edited module and the templates on the unedited model, and the edits then compute neither."""
+    import methods.locate
+    from methods import REGISTRY
+
+    assert {n for n, c in REGISTRY.items() if c.learned} == {"mend", "enn", "ke"}
+    assert {n for n, c in REGISTRY.items() if c.has_fit_step} == {"mend", "enn", "ke", "rome", "memit", "ft_kl"}
+    assert all(c.requires_training == c.learned for c in REGISTRY.values())  # the former name, same meaning
+    m = tiny("tiny-llama")
+    ed = MEMIT(m, {**SMALL, "layers": [1, 2]})
+    fit = ed.fit([], [])
+    assert fit.steps == 0 and fit.stop_reason == "untrained" and not ed.modules()
+    assert set(ed._moments) == {m.mlp_out(1), m.mlp_out(2)}
+
+    def no_statistics(*a, **k):
+        raise AssertionError("an edit recomputed what fit prepared")
+
+    monkeypatch.setattr(methods.locate, "second_moment", no_statistics)
+    monkeypatch.setattr(methods.locate, "context_templates", no_statistics)
+    assert set(ed.edit(edit_batch(m, [cf["test"][0]])).deltas) == set(ed.model.edit_params)
+    no_moment = ROME(m, {**SMALL, "mom2_adjustment": False})
+    no_moment._templates = ["{}"]
+    no_moment.fit([], [])  # without the adjustment no statistic is read
+    assert not no_moment._moments
+
+
+def test_a_learned_editor_must_have_a_fit_step() -> None:
+    from methods.base import Editor
+
+    with pytest.raises(TypeError, match="has_fit_step"):
+        type("Broken", (Editor,), {"learned": True})
+
+
 def test_memit_with_one_edit_and_one_layer_is_rome(cf) -> None:
     """Sherman-Morrison: with lambda -> 0, no prefixes (k* = the bare prompt's key) and the same value objective
     (no weight decay or clamp, whose scales differ: MLP output vs residual norm), MEMIT's update is ROME's."""
