@@ -152,10 +152,65 @@ def environment_tags(device: str) -> dict[str, str]:
 
 
 def client(uri: str) -> Any:
-    """An MlflowClient bound to ``uri`` (no global state is changed)."""
+    """An MlflowClient bound to ``uri`` (no global state is changed). A local sqlite store that does not exist yet
+    is first created from the cached empty schema (:func:`_new_sqlite_store`)."""
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.exists() and db.parent.is_dir():
+            _new_sqlite_store(db)
     return MlflowClient(tracking_uri=uri)
+
+
+def _empty_schema() -> bytes:
+    """The bytes of a new, empty sqlite store made by this MLflow (its migrations run once, ~7 s on 2 cores)."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "schema.db"
+        MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+        return db.read_bytes()
+
+
+def _new_sqlite_store(db: Path) -> None:
+    """Create the sqlite store ``db`` as a copy of the empty schema this MLflow, SQLAlchemy and Alembic make (kept in
+    the keyed cache, ``bench.cache``), instead of running MLflow's migrations for every new store. The copy is made
+    indistinguishable from a store MLflow created here: its Default experiment gets this store's artifact
+    location (``./mlruns/0`` resolved in the working directory, as MLflow sets it) and the current time. Written
+    atomically; a store another process created meanwhile is left as it is."""
+    import sqlite3
+    import time
+
+    from bench.cache import cached
+
+    versions = {pkg: metadata.version(pkg) for pkg in ("mlflow-skinny", "sqlalchemy", "alembic")
+                if _installed(pkg)}
+    schema, _ = cached("mlflow-schema", versions, "db", _empty_schema, lambda b, f: f.write_bytes(b),
+                       lambda f: f.read_bytes())
+    tmp = db.with_name(f".{db.name}.tmp{os.getpid()}")
+    tmp.write_bytes(schema)
+    now = int(time.time() * 1000)
+    with sqlite3.connect(tmp) as con:
+        con.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                    "WHERE experiment_id = 0", (str((Path.cwd() / "mlruns" / "0").resolve()), now, now))
+    con.close()
+    try:
+        os.link(tmp, db)  # fails when the store appeared meanwhile: never replace a store in use
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+def _installed(pkg: str) -> bool:
+    try:
+        metadata.version(pkg)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def prepare_experiment(uri: str, name: str, description: str = "", tags: Mapping[str, str] | None = None) -> str:

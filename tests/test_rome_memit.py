@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import private_cache, tiny
 
 from bench.config import Sweep, SweepError, validate
 from bench.data import DataError, edit_batch, load_task
@@ -27,7 +27,7 @@ def cf():
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EDITBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    private_cache(monkeypatch, tmp_path_factory.getbasetemp() / "cache")
 
 
 @pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gpt2"])  # nn.Linear (out, in) and GPT-2's Conv1D (in, out)

@@ -168,3 +168,38 @@ def test_a_failing_trial_exits_1_with_its_reason_and_a_failed_run(tmp_path: Path
 
     df = runs_frame(uri, "t")
     assert df.height == 1 and df["status"][0] == "FAILED" and "matches no parameter" in df["t.error"][0]
+
+
+def test_a_new_sqlite_store_is_the_cached_schema_made_as_mlflow_makes_it(tmp_path: Path, monkeypatch) -> None:
+    """A new local store is a copy of the empty schema MLflow made once (kept in the cache), with the Default
+    experiment MLflow would have written here; the copy takes runs and metrics like any store."""
+    import sqlite3
+
+    import bench.tracking as tracking
+
+    monkeypatch.setenv("EDITBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    first = tracking.client(f"sqlite:///{tmp_path / 'a.db'}")
+    assert len(list((tmp_path / "cache" / "mlflow-schema").glob("*.db"))) == 1
+    monkeypatch.setattr(tracking, "_empty_schema", lambda: (_ for _ in ()).throw(AssertionError("migrated again")))
+    uri = f"sqlite:///{tmp_path / 'b.db'}"
+    exp_id = tracking.prepare_experiment(uri, "x")
+    c = tracking.client(uri)
+    default = c.get_experiment("0")
+    assert default.name == "Default" and default.artifact_location == str(tmp_path.resolve() / "mlruns" / "0")
+    run = c.create_run(exp_id)
+    c.log_metric(run.info.run_id, "es", 0.5)
+    assert c.get_run(run.info.run_id).data.metrics == {"es": 0.5}
+    assert first.search_experiments()[0].name == "Default"
+
+    def tables(db: Path) -> dict[str, object]:  # names, columns and schema version (the migrations order CHECK
+        with sqlite3.connect(db) as con:  # constraints differently from one run to the next: not compared)
+            names = [n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+            out: dict[str, object] = {n: con.execute(f'PRAGMA table_info("{n}")').fetchall() for n in names}
+            out["version"] = con.execute("SELECT version_num FROM alembic_version").fetchall()
+        return out
+
+    monkeypatch.undo()
+    own = tmp_path / "own.db"
+    own.write_bytes(tracking._empty_schema())  # what MLflow's migrations make
+    assert tables(tmp_path / "b.db") == tables(own)

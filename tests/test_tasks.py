@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import private_cache
 import torch
 
 from bench.data import load_task, resolve_file
@@ -53,7 +54,7 @@ def test_fever_rephrase_matching(tmp_path: Path) -> None:
 
 
 def test_base_model_preparation_is_cached_and_keyed(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("EDITBENCH_CACHE", str(tmp_path))
+    private_cache(monkeypatch, tmp_path)
     t = load_task("fever", sizes={"train": 64, "val": 16, "test": 4})
     first = prepare_base("tiny-bert", t, seed=0, settings={"steps": 3, "batch_size": 8})
     assert first.trained and 0.0 <= first.info["val_accuracy"] <= 1.0 and first.info["n_val"] == 16
@@ -70,7 +71,7 @@ def test_base_model_preparation_is_cached_and_keyed(tmp_path, monkeypatch) -> No
 
 
 def test_wikitext_targets_are_generated_once_and_deterministic(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("EDITBENCH_CACHE", str(tmp_path))
+    private_cache(monkeypatch, tmp_path)
     m = load_model("tiny-gpt2")
     recs = load_task("wikitext")["test"][:3]
     assert all(len(r.prompt.split()) >= 50 and r.prompt.isascii() for r in recs)
@@ -87,7 +88,7 @@ def test_wikitext_targets_are_generated_once_and_deterministic(tmp_path, monkeyp
     assert generation_targets(m, recs, seed=0) == a  # from the cache, no model call
     files[0].unlink()
     monkeypatch.undo()
-    monkeypatch.setenv("EDITBENCH_CACHE", str(tmp_path))
+    private_cache(monkeypatch, tmp_path)
     assert generation_targets(m, recs, seed=0) == a  # regenerated identically
     assert generation_targets(m, recs, seed=1) != a
 
@@ -105,7 +106,7 @@ def test_generation_edit_reports_perplexity_drawdown(tmp_path, monkeypatch) -> N
     from bench.metrics import evaluate
     from methods.ft import FT
 
-    monkeypatch.setenv("EDITBENCH_CACHE", str(tmp_path))
+    private_cache(monkeypatch, tmp_path)
     m = load_model("tiny-gpt2")
     recs = generation_targets(m, load_task("wikitext")["test"][:2], seed=0)
     res = evaluate(FT(m, {"lr": 1e-2, "max_steps": 5}), m, recs)

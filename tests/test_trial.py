@@ -4,6 +4,7 @@ leaving one FINISHED MLflow run with its metrics, per-edit table and (learned ed
 from __future__ import annotations
 
 import pytest
+from conftest import private_cache
 
 from bench.config import Sweep, plan
 from bench.tracking import client, prepare_experiment, runs_frame
@@ -49,7 +50,7 @@ def test_generation_settings_from_the_sweep_reach_target_generation(tmp_path, mo
 
     from bench.models import load_model
 
-    monkeypatch.setenv("EDITBENCH_CACHE", str(tmp_path / "cache"))
+    private_cache(monkeypatch, tmp_path / "cache")
     uri = f"sqlite:///{tmp_path / 'runs.db'}"
     sweep = Sweep(name="t", n_edits=2, models=[{"name": "tiny-gpt2"}],
                   datasets=[{"name": "wikitext", "n_train": 3, "n_val": 2,
