@@ -2,15 +2,18 @@
 
 The edit is ``n_steps`` gradient steps on -log p(y_e | x_e) over the edited weights, each weight tensor with a
 LEARNED step size (init 1e-2). Training (the shared Alg. 1 loop) back-propagates through the edit step
-(second order; ``first_order`` drops the second-order term) into both the step sizes and the base model's editable
-weights, which ENN therefore changes (``modifies_base_model``). Its loss adds ``c_base`` times
+(second order; ``first_order`` drops the second-order term) into both the step sizes and the base model's weights,
+which ENN therefore changes (``modifies_base_model``). Which base weights are meta-trained is ``train_base``:
+``all`` is what ENN (Sinitsin et al. train the whole model) and the MEND paper's runs mean (eric-mitchell/mend
+``algs/enn.py``: ``outer_parameters`` is every parameter, ``no_grad_layers: null``); ``edited`` trains only the
+matrices the inner step edits, a cheaper variant (the embedded CPU sweeps state when they use it). Its loss adds ``c_base`` times
 KL(p_original(.|x_loc) || p_current(.|x_loc)), which keeps the trained base model close to the ORIGINAL one on
 base data; that needs a copy of the original weights, which is where ENN's extra memory goes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from pydantic import Field, PositiveInt
@@ -34,6 +37,9 @@ class ENNHparams(LearnedHparams):
     n_steps: PositiveInt = 1
     first_order: bool = False
     c_base: float = Field(default=1.0, ge=0)
+    train_base: Literal["all", "edited"] = Field(
+        default="all", description="base weights meta-trained with the step sizes: every parameter (ENN, the "
+        "official runs) or only the edited matrices")
 
 
 class _StepSizes(nn.Module):
@@ -43,12 +49,17 @@ class _StepSizes(nn.Module):
 
 
 class _BaseWeights(nn.Module):
-    """A view of the model's editable weights (the same Parameter objects), so checkpoints carry them."""
+    """A view of the meta-trained base weights (the same Parameter objects), so checkpoints carry them."""
 
-    def __init__(self, model: EditableModel) -> None:
+    def __init__(self, model: EditableModel, names: Sequence[str]) -> None:
         super().__init__()
         named = dict(model.model.named_parameters())
-        self.w = nn.ParameterDict({n.replace(".", "__"): named[n] for n in model.edit_params})
+        self.names = list(names)
+        self.w = nn.ParameterDict({n.replace(".", "__"): named[n] for n in self.names})
+
+    def named(self) -> dict[str, nn.Parameter]:
+        """The trained weights by their name in the model."""
+        return {n: self.w[n.replace(".", "__")] for n in self.names}
 
 
 class ENN(LearnedEditor):
@@ -63,7 +74,9 @@ class ENN(LearnedEditor):
                  data_root: str | None = None) -> None:
         super().__init__(model, hparams, data_root)
         self.steps = _StepSizes(len(model.edit_params), self.hparams.inner_lr).to(model.device)
-        self.base = _BaseWeights(model)
+        trained = ([n for n, _ in self.model.model.named_parameters()] if self.hparams.train_base == "all"
+                   else list(self.model.edit_params))
+        self.base = _BaseWeights(self.model, trained)
         # The original editable weights, for the c_base anchor (allocated when training starts).
         self.original: dict[str, Tensor] | None = None
 
@@ -77,8 +90,8 @@ class ENN(LearnedEditor):
     def train(self, on: bool = True) -> None:
         super().train(on)
         if on and self.original is None:
-            self.original = {n: w.detach().clone() for n, w in self.model.weights().items()}
-        for w in self.model.weights().values():
+            self.original = {n: w.detach().clone() for n, w in self.base.named().items()}
+        for w in self.base.parameters():
             w.requires_grad_(on)
 
     def edit(self, batch: EditBatch) -> Edit:
@@ -104,7 +117,7 @@ class ENN(LearnedEditor):
             return None
         lb = loc_batch(self.model, records)
         with torch.no_grad():
-            back = {n: self.original[n] - w.detach() for n, w in self.model.weights().items()}
+            back = {n: self.original[n] - w.detach() for n, w in self.base.named().items()}
             orig_logits = self.model.logits(lb.inputs, back)
         cur = self.model.logits(lb.inputs)
         return self.hparams.c_base * kl_div(orig_logits, cur, loc_mask(lb.inputs, lb.labels, self.model.kind))

@@ -3,7 +3,9 @@
 FT: up to ``max_steps`` optimiser steps (RMSprop, as in the paper; Adam or SGD selectable) on -log p(y_e | x_e)
 over the edited weights only, stopping as soon as every target token is the argmax.
 FT+KL: the same, with loss ``c_edit * L_e + c_loc * KL(p_before || p_after)`` on locality inputs drawn from the
-training split at edit time (so it uses training data when editing).
+training split at edit time (so it uses training data when editing), a fresh batch of them at every step as the
+official code does (``next(self.loc_sampler)`` in ``algs/ft.py``). Both clip the gradient norm at ``grad_clip``
+(official config: 100).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import random
 from typing import Literal, Sequence
 
 import torch
-from pydantic import PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt
 from torch import Tensor
 
 from bench.data.batches import EditBatch, loc_batch
@@ -29,6 +31,8 @@ class FTHparams(Hparams):
     lr: PositiveFloat = 1e-6
     max_steps: PositiveInt = 100
     early_stop: bool = True
+    grad_clip: PositiveFloat | None = Field(default=100.0, description="max gradient norm per step (official "
+                                            "config.grad_clip); null: no clipping")
 
 
 class FTKLHparams(FTHparams):
@@ -37,6 +41,8 @@ class FTKLHparams(FTHparams):
     c_edit: PositiveFloat = 1e-2
     c_loc: PositiveFloat = 1.0
     loc_batch_size: PositiveInt = 8
+    fresh_loc: bool = Field(default=True, description="draw a new locality batch at every step (official); false: "
+                            "one batch per edit")
 
 
 def make_optimizer(kind: str, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
@@ -81,6 +87,8 @@ class FT(Editor):
                 loss = self.hparams.c_edit * loss + extra  # type: ignore[attr-defined]
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if hp.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(list(deltas.values()), hp.grad_clip)
             opt.step()
             steps += 1
             loss_val = float(loss.detach())
@@ -99,6 +107,7 @@ class FTKL(FT):
     def __init__(self, model, hparams=None, data_root=None) -> None:  # type: ignore[no-untyped-def]
         super().__init__(model, hparams, data_root)
         self.pool: list[EditRecord] = []
+        self._rng = random.Random(0)
         self._loc: tuple[EditBatch, Tensor, Tensor] | None = None
 
     def fit(self, train: Sequence[EditRecord], val: Sequence[EditRecord], budget: Budget | None = None,
@@ -112,15 +121,21 @@ class FTKL(FT):
             raise RuntimeError("ft_kl needs training records for its locality loss: call fit(train, val) first")
         # Seeded by the edit's own text so an edit does not depend on what was edited before it.
         key = "\x1f".join(r.prompt for r in batch.records) or str(batch.inputs["input_ids"].tolist())
-        rng = random.Random(int(hashlib.sha256(key.encode()).hexdigest()[:12], 16))
-        recs = rng.sample(self.pool, min(self.hparams.loc_batch_size, len(self.pool)))
+        self._rng = random.Random(int(hashlib.sha256(key.encode()).hexdigest()[:12], 16))
+        self._loc = None
+
+    def _draw_loc(self) -> tuple[EditBatch, Tensor, Tensor]:
+        """``loc_batch_size`` locality inputs from the pool, their pre-edit logits (base model, with the deltas
+        already applied in sequential editing) and KL mask."""
+        recs = self._rng.sample(self.pool, min(self.hparams.loc_batch_size, len(self.pool)))
         lb = loc_batch(self.model, recs)
         with torch.no_grad():
             pre = self.model.logits(lb.inputs)
-        self._loc = (lb, pre, loc_mask(lb.inputs, lb.labels, self.model.kind))
+        return lb, pre, loc_mask(lb.inputs, lb.labels, self.model.kind)
 
     def _extra_loss(self, deltas: dict[str, Tensor], batch: EditBatch) -> Tensor:
-        assert self._loc is not None
+        if self._loc is None or self.hparams.fresh_loc:
+            self._loc = self._draw_loc()
         lb, pre, mask = self._loc
         post = self.model.logits(lb.inputs, deltas)
         return self.hparams.c_loc * kl_div(pre, post, mask)

@@ -2,7 +2,11 @@
 nicola-decao/KnowledgeEditor).
 
 A hyper-network conditioned on the edit: a one-layer bidirectional LSTM over the token embeddings of the edit
-input (initialised from the base model's embeddings), then a tanh feed-forward layer, gives a condition vector c.
+text (initialised from the base model's embeddings), then a tanh feed-forward layer, gives a condition vector c.
+The edit text is the official one, ``"{old answer} >> {new answer} || {input}"`` (``data_classes/zsre.py`` and
+``fever.py``' ``cond``: the network sees the new answer or label even where the edit input does not contain it, as
+for seq2seq and classifier models), and the edit's own tokens for generation (``wiki.py``); ``condition:
+input_ids`` conditions on the edit batch's input ids instead.
 For each edited weight W (stored shape r x k) a weight-normed MLP maps c to col_a (k), row_a (r), col_b (k),
 row_b (r) and a scalar n; a = softmax(row_a)^T col_a and b = softmax(row_b)^T col_b are rank-1 r x k matrices and
 the update is ``dW = max_scale * sigmoid(n) * (grad * a + b)``, with grad the gradient of the edit loss w.r.t. W
@@ -12,7 +16,7 @@ edit; a batched edit sums its requests' updates.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from pydantic import Field, PositiveInt
@@ -20,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from bench.data.batches import EditBatch
+from bench.data.records import EditRecord
 from bench.models import EditableModel
 from methods.base import Edit, Hparams, LearnedEditor, LearnedHparams, gradient_factors
 
@@ -31,6 +36,9 @@ class KEHparams(LearnedHparams):
     hidden_dim: PositiveInt = 512
     condition_dim: PositiveInt = 768
     max_scale: float = Field(default=1.0, gt=0)
+    condition: Literal["edit_text", "input_ids"] = Field(
+        default="edit_text", description="what the LSTM reads: the official '{old} >> {new} || {input}' text of each "
+        "request, or the edit batch's input ids (seq2seq/classifier inputs then lack the new answer)")
 
 
 class LSTMConditioner(nn.Module):
@@ -95,9 +103,28 @@ class KE(LearnedEditor):
         return [{"params": list(self.conditioner.parameters()) + list(self.params.parameters()),
                  "lr": self.hparams.lr}]
 
+    @staticmethod
+    def condition_text(record: EditRecord) -> str:
+        """The official conditioning text of one request: ``"{old} >> {new} || {input}"`` (old: the fact before the
+        edit where the record knows it, else empty); for generation the edit's own text."""
+        if record.kind == "generation":
+            return record.prompt + record.target
+        return f"{record.true_answer or ''} >> {record.target} || {record.prompt}"
+
     def condition(self, batch: EditBatch) -> Tensor:
-        """The condition vectors c, one row per request of the batch."""
-        return self.conditioner(batch.inputs["input_ids"], batch.inputs["attention_mask"])
+        """The condition vectors c, one row per request of the batch (from each request's :meth:`condition_text`
+        when the batch carries its records and ``condition`` is ``edit_text``, else from its input ids)."""
+        if self.hparams.condition == "input_ids" or len(batch.records) != len(batch):
+            return self.conditioner(batch.inputs["input_ids"], batch.inputs["attention_mask"])
+        tok = self.model.tokenizer
+        rows = [tok(self.condition_text(r), add_special_tokens=False)["input_ids"][:256] or [tok.pad_token_id]
+                for r in batch.records]
+        ids = torch.full((len(rows), max(map(len, rows))), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):  # right-padded: the LSTM packs by length
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return self.conditioner(ids.to(self.model.device), mask.to(self.model.device))
 
     def edit(self, batch: EditBatch) -> Edit:
         deltas: dict[str, Tensor] = {}

@@ -15,7 +15,7 @@ weight gradient of the base model is ever formed.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from pydantic import Field, PositiveInt, model_validator
@@ -43,7 +43,10 @@ class MENDHparams(LearnedHparams):
     id_init: bool = True
     shared: bool = True
     alphas_only: bool = False
-    output_act: bool = False
+    output_act: bool = Field(default=True, description="clamp(min=0) after the output layer too (Eq. 3b; the "
+                             "official LRLinear always clamps); false: a linear output layer")
+    v_init: Literal["randn", "xavier"] = Field(default="randn", description="init of each layer's V at identity "
+                                               "init: standard normal (official) or Xavier-uniform")
 
     @model_validator(mode="after")
     def _variants(self) -> "MENDHparams":
@@ -67,7 +70,7 @@ class GradientTransform(nn.Module):
         self.norm_u, self.norm_d = RunningNorm(d_in), RunningNorm(d_out)
 
         def net(dim: int) -> LowRankMLP:
-            return LowRankMLP(dim, min(hp.rank, dim), n_modes, hp.n_hidden, hp.id_init, hp.output_act)
+            return LowRankMLP(dim, min(hp.rank, dim), n_modes, hp.n_hidden, hp.id_init, hp.output_act, hp.v_init)
 
         self.net = net(d_in + d_out) if hp.combine else None
         transform_u = not hp.combine and not hp.delta_only and not (hp.one_sided and d_in > d_out)

@@ -61,20 +61,27 @@ class LowRankFiLMLayer(nn.Module):
     """``y = x + act(s[mode] * (U V x + b) + o[mode])``: a residual low-rank linear layer with per-mode (per edited
     layer) scale ``s`` and offset ``o`` (FiLM).
 
-    Identity init (``id_init``): U = 0 and b = 0 so the layer starts as the identity; V is Xavier. The activation
-    is ``clamp(min=0)``, whose gradient passes at exactly 0 (``torch.relu``'s does not), so U leaves zero when
-    training starts; ``act=False`` makes the layer linear.
+    Identity init (``id_init``): U = 0 and b = 0 so the layer starts as the identity; V is standard normal
+    (``v_init="randn"``, the official ``LRLinear(init="id")``) or Xavier-uniform (``v_init="xavier"``). The
+    activation is ``clamp(min=0)``, whose gradient passes at exactly 0 (``torch.relu``'s does not), so U leaves zero
+    when training starts; ``act=False`` makes the layer linear.
     """
 
-    def __init__(self, dim: int, rank: int, n_modes: int, act: bool = True, id_init: bool = True) -> None:
+    def __init__(self, dim: int, rank: int, n_modes: int, act: bool = True, id_init: bool = True,
+                 v_init: str = "randn") -> None:
         super().__init__()
+        if v_init not in ("randn", "xavier"):
+            raise ValueError(f"v_init: {v_init!r} is not one of 'randn', 'xavier'")
         self.act = act
         self.v = nn.Parameter(torch.empty(rank, dim))
         self.u = nn.Parameter(torch.empty(dim, rank))
         self.b = nn.Parameter(torch.zeros(dim))
         self.scale = nn.Parameter(torch.ones(n_modes, dim))
         self.shift = nn.Parameter(torch.zeros(n_modes, dim))
-        nn.init.xavier_uniform_(self.v)
+        if id_init and v_init == "randn":
+            nn.init.normal_(self.v)
+        else:
+            nn.init.xavier_uniform_(self.v)
         if id_init:
             nn.init.zeros_(self.u)
         else:
@@ -90,16 +97,17 @@ class LowRankFiLMLayer(nn.Module):
 class LowRankMLP(nn.Module):
     """MEND's editor network g: ``n_hidden`` activated low-rank residual layers, then an output layer.
 
-    With the default ``output_act=False`` the output layer is linear, as in the official implementation
-    (eric-mitchell/mend, ``IDMLP``: ReLU only on hidden layers); ``output_act=True`` applies the activation there
-    as Eq. 3b of the paper writes it. At identity init the network is exactly the identity.
+    With the default ``output_act=True`` every layer, the output layer included, applies the activation, as Eq. 3b
+    of the paper writes it and as the official implementation does (eric-mitchell/mend ``nn.py``: ``IDMLP`` passes
+    ``relu=False`` to its last ``LRLinear``, but ``LRLinear.forward`` ignores the flag and always clamps);
+    ``output_act=False`` makes the output layer linear. At identity init the network is exactly the identity.
     """
 
     def __init__(self, dim: int, rank: int, n_modes: int, n_hidden: int = 1, id_init: bool = True,
-                 output_act: bool = False) -> None:
+                 output_act: bool = True, v_init: str = "randn") -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            [LowRankFiLMLayer(dim, rank, n_modes, act=i < n_hidden or output_act, id_init=id_init)
+            [LowRankFiLMLayer(dim, rank, n_modes, act=i < n_hidden or output_act, id_init=id_init, v_init=v_init)
              for i in range(n_hidden + 1)]
         )
 

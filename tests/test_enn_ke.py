@@ -131,3 +131,39 @@ def test_ke_short_training_improves_validation_and_round_trips(tmp_path, zsre) -
     singles = [ed.edit(edit_batch(m, [r])) for r in zsre["test"][:2]]
     for n in m.edit_params:
         assert torch.allclose(e1.deltas[n], singles[0].deltas[n] + singles[1].deltas[n], atol=1e-6)
+
+
+def test_enn_meta_trains_every_base_weight_or_only_the_edited_ones(zsre) -> None:
+    """train_base: all (ENN, the official runs) optimises every base weight, and the training loss reaches them all;
+    edited only the matrices the inner step edits. Both checkpoints carry what they train."""
+    assert ENN.Hparams().train_base == "all"
+    m = load_model("tiny-gpt2")
+    every = {n for n, _ in m.model.named_parameters()}
+    for which, expected in (("all", every), ("edited", set(m.edit_params))):
+        ed = ENN(m, {"lr": 1e-2, "train_base": which})
+        optimised = {id(p) for g in ed.param_groups() for p in g["params"]}
+        assert {n for n, p in m.model.named_parameters() if id(p) in optimised} == expected
+        ed.train(True)
+        ed._losses(list(zsre["train"][:1]))["loss"].backward()
+        reached = {n for n, p in m.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        ed.train(False)
+        m.model.zero_grad(set_to_none=True)
+        assert reached <= expected and set(m.edit_params) <= reached
+        assert bool(reached - set(m.edit_params)) == (which == "all")  # gradient beyond the edited matrices
+        assert {k[len("base.w."):].replace("__", ".") for k in ed.state_dict() if k.startswith("base.")} == expected
+        assert all(not p.requires_grad for p in m.model.parameters())
+
+
+def test_ke_condition_is_the_official_edit_text_with_the_new_answer() -> None:
+    """KE reads "{old} >> {new} || {input}": on a seq2seq model the input ids are the question alone, so two requests
+    that differ only in the new answer condition differently from the text and identically from the input ids."""
+    from bench.data import EditRecord
+
+    m = tiny("tiny-t5")
+    recs = [EditRecord(case_id=str(i), task="zsre", kind="qa", prompt="Who wrote Hamlet?", target=t,
+                       true_answer="Shakespeare") for i, t in enumerate(["Marlowe", "Bacon"])]
+    assert KE.condition_text(recs[0]) == "Shakespeare >> Marlowe || Who wrote Hamlet?"
+    b = edit_batch(m, recs)
+    text = KE(m, KE_SMALL).condition(b)
+    ids = KE(m, {**KE_SMALL, "condition": "input_ids"}).condition(b)
+    assert not torch.allclose(text[0], text[1]) and torch.allclose(ids[0], ids[1])

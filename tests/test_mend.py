@@ -197,3 +197,22 @@ def test_classifier_edit_factorisation() -> None:
     for n in m.edit_params:
         g = m.outer(*factors[n])
         assert (g - ref[n]).norm() / ref[n].norm() < 1e-5
+
+
+def test_editor_network_is_the_official_one_at_init() -> None:
+    """Official LRLinear(init="id"): U = 0, V standard normal, and clamp(min=0) after EVERY layer (its ``relu`` flag
+    is ignored), as Eq. 3b writes it; the alternatives are options."""
+    torch.manual_seed(0)
+    net = LowRankMLP(256, 64, n_modes=1)
+    assert all(layer.act for layer in net.layers)
+    v = net.layers[0].v.detach()
+    assert abs(float(v.std()) - 1.0) < 0.05 and abs(float(v.mean())) < 0.05
+    assert all(float(layer.u.abs().sum()) == 0 for layer in net.layers)
+    x = torch.randn(5, 256)
+    assert torch.equal(net(x, torch.zeros(5, dtype=torch.long)), x)
+    linear_out = LowRankMLP(256, 64, n_modes=1, output_act=False, v_init="xavier")
+    assert not linear_out.layers[-1].act and float(linear_out.layers[0].v.detach().std()) < 0.2
+    hp = MENDHparams()
+    assert hp.output_act and hp.v_init == "randn"
+    with pytest.raises(ValueError, match="v_init"):
+        LowRankMLP(8, 4, n_modes=1, v_init="uniform")
