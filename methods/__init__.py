@@ -8,6 +8,7 @@ from __future__ import annotations
 from methods.base import Budget, Edit, Editor, FitResult, Hparams
 from methods.enn import ENN
 from methods.ft import FT, FTKL
+from methods.ftl import FTL
 from methods.ke import KE
 from methods.memit import MEMIT
 from methods.mend import MEND
@@ -21,6 +22,7 @@ REGISTRY: dict[str, type[Editor]] = {
     KE.name: KE,
     ROME.name: ROME,
     MEMIT.name: MEMIT,
+    FTL.name: FTL,
 }
 
 

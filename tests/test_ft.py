@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.data import edit_batch, loc_batch
-from bench.losses import kl_div, loc_mask
+from bench.losses import kl_div, loc_mask, nll
 from methods import REGISTRY, get_editor
 from methods.base import Edit, weights_digest
 from methods.ft import FT, FTKL
@@ -126,3 +126,25 @@ def test_ft_kl_draws_fresh_locality_inputs_at_every_step(zsre, monkeypatch) -> N
         drawn.clear()
         ed.edit(b)
         assert drawn == first  # seeded by the edit: the same draws again
+
+
+def test_ft_l_tunes_only_its_layers_within_the_constraint(zsre) -> None:
+    """FT-L (ROME/MEMIT's baseline): only the MLP output projections of ``layers`` change, never by more than
+    norm_constraint per element; unconstrained it moves further and edits; it refuses models it cannot locate."""
+    from methods.ftl import FTL
+
+    m = tiny("tiny-llama")
+    before = weights_digest(m)
+    b = edit_batch(m, zsre["test"][:1])
+    hp = {"layers": [1, 2], "lr": 1e-1, "max_steps": 10, "norm_constraint": 1e-3}
+    e = FTL(m, hp).edit(b)
+    assert sorted(e.deltas) == [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)]
+    assert all(float(d.abs().max()) <= 1e-3 + 1e-9 for d in e.deltas.values())
+    assert weights_digest(m) == before and e.steps == 10
+    start = float(nll(m.logits(b.inputs), b.labels))
+    free = FTL(m, {**hp, "norm_constraint": None, "max_steps": 30, "stop_loss": start - 1.0}).edit(b)
+    assert max(float(d.abs().max()) for d in free.deltas.values()) > 1e-3
+    assert 0 < free.steps < 30 and free.info["final_loss"] < start - 1.0  # stopped at the loss threshold
+    assert FTL.Hparams().layers == [0] and FTL.Hparams().max_steps == 25 and FTL.Hparams().norm_constraint == 5e-4
+    with pytest.raises(ValueError, match="causal"):
+        FTL(tiny("tiny-t5"))
