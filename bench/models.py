@@ -353,6 +353,18 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def weights_digest(model: "EditableModel") -> str:
+    """SHA-256 over every parameter's bytes, in name order: proves whether the base model changed, and keys what is
+    cached about a model's current weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for n, p in sorted(model.model.named_parameters(), key=lambda kv: kv[0]):
+        h.update(n.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def smollm2_dir() -> Path:
     """A local folder with SmolLM2-135M-Instruct as safetensors, converted once from the PyPI GGUF.
 

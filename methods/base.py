@@ -31,7 +31,7 @@ from torch import Tensor
 
 from bench.data.batches import EditBatch
 from bench.data.records import EditRecord
-from bench.models import EditableModel
+from bench.models import EditableModel, weights_digest  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -281,15 +281,6 @@ def gradient_factors(model: EditableModel, batch: EditBatch, deltas: Mapping[str
         keep = (u != 0).any(-1) & (g != 0).any(-1)
         factors[n] = (u[keep], g[keep].detach())
     return factors
-
-
-def weights_digest(model: EditableModel) -> str:
-    """SHA-256 over every parameter's bytes, in name order: proves whether the base model changed."""
-    h = hashlib.sha256()
-    for n, p in sorted(model.model.named_parameters(), key=lambda kv: kv[0]):
-        h.update(n.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class LearnedHparams(Hparams):

@@ -101,3 +101,28 @@ def test_evaluate_sees_a_damaging_edit(zsre) -> None:
     m = tiny("tiny-gpt2")
     agg = evaluate(_Noise(m), m, zsre["test"][:4]).metrics
     assert agg["loc_kl"] > 0.01 and agg["loc_agree"] < 1.0 and agg["edit_steps"] == 1
+
+
+def test_base_model_verdicts_are_cached_by_weights_and_pairs(tmp_path, monkeypatch) -> None:
+    """The locality filter's verdicts (is the unedited model right on each pair) are computed once per model weights
+    and pool; changed weights or pairs are a new entry."""
+    import bench.metrics
+    from bench.metrics import base_correct
+    from bench.models import load_model
+    from tests.conftest import private_cache
+
+    private_cache(monkeypatch, tmp_path / "cache")
+    m = load_model("tiny-gpt2")
+    pairs = [("The capital of France is", "Paris"), ("Two plus two is", "four")]
+    first = base_correct(m, pairs)
+    assert len(first) == 2 and all(isinstance(v, bool) for v in first)
+    real = bench.metrics._scores
+    monkeypatch.setattr(bench.metrics, "_scores", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    assert base_correct(m, pairs) == first  # from the cache: the model did not run
+    calls = []
+    monkeypatch.setattr(bench.metrics, "_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base_correct(m, pairs[:1])
+    with torch.no_grad():
+        next(m.model.parameters()).add_(1.0)
+    base_correct(m, pairs)
+    assert len(calls) == 2  # other pairs, other weights: computed again

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import private_cache
+from tests.conftest import private_cache
 import torch
 
 from bench.data import load_task, resolve_file

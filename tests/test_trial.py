@@ -4,7 +4,7 @@ leaving one FINISHED MLflow run with its metrics, per-edit table and (learned ed
 from __future__ import annotations
 
 import pytest
-from conftest import private_cache
+from tests.conftest import private_cache
 
 from bench.config import Sweep, plan
 from bench.tracking import client, prepare_experiment, runs_frame
