@@ -9,11 +9,11 @@ Each editor declares what it is with flags that each mean one thing: ``learned``
 training edits; the state is a checkpoint, reused across trials trained the same way), ``has_fit_step`` (``fit``
 does work before the first edit: training, or statistics such as ROME's key second moment; its time and memory
 are logged as the fit's), ``uses_training_data_at_edit_time`` (reads training records when editing, like FT+KL),
-``modifies_base_model`` (its ``fit`` changes the pre-edit model, like ENN), the model kinds it supports (``supported_kinds``), which
-weights it edits (:meth:`Editor.select_weights`: by default the model's, i.e. the family's MLPs of the last blocks
-or the sweep's ``edit_params``; ROME one MLP output projection) and the data files it reads besides the task's
-(:meth:`Editor.data_files`, e.g. ROME's covariance corpus). Hyper-parameters are a pydantic model per method
-with the paper's defaults.
+``modifies_base_model`` (its ``fit`` changes the pre-edit model, like ENN), the model kinds it supports
+(``supported_kinds``), which weights it edits (:meth:`Editor.select_weights`: by default the model's, i.e. the
+family's MLPs of the last blocks or the sweep's ``edit_params``; ROME one MLP output projection) and the data files
+it reads besides the task's (:meth:`Editor.data_files`, e.g. ROME's covariance corpus). Hyper-parameters are a
+pydantic model per method with the paper's defaults.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ LEARNED step size (init 1e-2). Training (the shared Alg. 1 loop) back-propagates
 which ENN therefore changes (``modifies_base_model``). Which base weights are meta-trained is ``train_base``:
 ``all`` is what ENN (Sinitsin et al. train the whole model) and the MEND paper's runs mean (eric-mitchell/mend
 ``algs/enn.py``: ``outer_parameters`` is every parameter, ``no_grad_layers: null``); ``edited`` trains only the
-matrices the inner step edits, a cheaper variant (the embedded CPU sweeps state when they use it). Its loss adds ``c_base`` times
+matrices the inner step edits, a cheaper variant (a sweep using it says so). Its loss adds ``c_base`` times
 KL(p_original(.|x_loc) || p_current(.|x_loc)), which keeps the trained base model close to the ORIGINAL one on
-base data; that needs a copy of the original weights, which is where ENN's extra memory goes.
+base data; that needs a copy of the original trained weights, which is where ENN's extra memory goes (and, with
+``train_base: all``, Adam's state for every weight).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class ENN(LearnedEditor):
         trained = ([n for n, _ in self.model.model.named_parameters()] if self.hparams.train_base == "all"
                    else list(self.model.edit_params))
         self.base = _BaseWeights(self.model, trained)
-        # The original editable weights, for the c_base anchor (allocated when training starts).
+        # The original trained weights, for the c_base anchor (allocated when training starts).
         self.original: dict[str, Tensor] | None = None
 
     def modules(self) -> dict[str, nn.Module]:
