@@ -207,7 +207,7 @@ def test_editor_network_is_the_official_one_at_init() -> None:
     assert all(layer.act for layer in net.layers)
     v = net.layers[0].v.detach()
     assert abs(float(v.std()) - 1.0) < 0.05 and abs(float(v.mean())) < 0.05
-    assert all(float(layer.u.abs().sum()) == 0 for layer in net.layers)
+    assert all(float(layer.u.detach().abs().sum()) == 0 for layer in net.layers)
     x = torch.randn(5, 256)
     assert torch.equal(net(x, torch.zeros(5, dtype=torch.long)), x)
     linear_out = LowRankMLP(256, 64, n_modes=1, output_act=False, v_init="xavier")
