@@ -60,6 +60,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("retention_loc_kl", "sequential", False, per="run", description="... locality KL against the original"),
     Metric("retention_drawdown", "sequential", False, per="run", description="... drawdown against the original"),
     Metric("train_time_s", "training", False, per="run", summary=True, description="editor training wall time"),
+    Metric("train_val_time_s", "training", False, per="run", description="... of it, time spent validating"),
+    Metric("prepare_time_s", "cost", False, per="run",
+           description="loading data and model, generating targets, choosing locality prompts"),
+    Metric("eval_time_s", "cost", False, per="run", description="editing and scoring every test edit"),
 )
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}

@@ -188,7 +188,8 @@ def _log_results(spec: TrialSpec, run: Any, data: _Prepared, fitted: _Fitted, re
     fit, source = fitted.fit, fitted.source
     metrics = dict(result.metrics)
     metrics.update(data.loc_counts)
-    metrics.update({"train_time_s": fitted.seconds, "train_steps": float(fit.steps),
+    metrics.update({"train_time_s": fitted.seconds, "train_val_time_s": fit.val_seconds if source is None else 0.0,
+                    "train_steps": float(fit.steps),
                     "train_best_step": float(fit.best_step), "train_peak_mem_mb": fitted.peak_mb,
                     "trial_time_s": time.time() - t_start})
     if source is not None:  # the cost of the training this trial reused, from its source run
@@ -245,15 +246,19 @@ def run_trial(cfg: TrialSpec | Mapping[str, Any], tracking_uri: str, experiment:
     with tracking.trial_run(tracking_uri, experiment, spec.run_name, tags) as run:
         run.log_params(params)
         data = _prepare_data(spec, run, device, tracking_uri, experiment, extra_tags)
+        prepare_s = time.time() - t_start
         fitted = _build_and_fit(spec, data, run, tracking_uri, report)
 
         def progress(done: int, total: int) -> None:
             if done == total or done % max(1, total // 10) == 0:
                 log.info("%s: evaluated %d/%d edits", spec.run_name, done, total)
 
+        t_eval = time.time()
         result = evaluate(fitted.editor, data.model, data.task["test"], spec.edit_batch_size,
                           rome_neighbourhood=data.task.card.rome_neighbourhood, progress=progress,
                           mode=spec.edit_mode, checkpoints=spec.checkpoints)
+        result.metrics["eval_time_s"] = time.time() - t_eval
+        result.metrics["prepare_time_s"] = prepare_s
         metrics = _log_results(spec, run, data, fitted, result, t_start)
     # Reported after the run is FINISHED: a scheduler may stop the trial at this report.
     if report is not None:

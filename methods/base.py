@@ -95,6 +95,7 @@ class FitResult:
     best_step: int = 0
     best: dict[str, float] = field(default_factory=dict)
     stop_reason: str = "untrained"
+    val_seconds: float = 0.0  #: of ``seconds``, the time spent validating
 
     @property
     def budget_limited(self) -> bool:
@@ -393,6 +394,7 @@ class LearnedEditor(Editor):
         log_fn = log_fn or (lambda step, metrics: None)
         t0 = time.time()
         best = self.validate(val, budget.batch_size)
+        val_s = time.time() - t0
         log_fn(0, best)
         log.info("%s step 0: %s", self.name, _fmt(best))
         best_state = {k: v.clone() for k, v in self.state_dict().items()}
@@ -417,7 +419,9 @@ class LearnedEditor(Editor):
                 log_fn(step, {f"train_{k}": v / 10 for k, v in running.items()})
                 running = {}
             if step % budget.val_every == 0 or step == budget.max_steps or out_of_time:
+                t_val = time.time()
                 cur = self.validate(val, budget.batch_size)
+                val_s += time.time() - t_val
                 cur["elapsed_s"] = time.time() - t0
                 log_fn(step, cur)
                 log.info("%s step %d: %s", self.name, step, _fmt(cur))
@@ -439,7 +443,8 @@ class LearnedEditor(Editor):
             log.info("%s: budget-limited (%s) at step %d; last validation improvement at step %d", self.name,
                      reason, step, best_step)
         return FitResult(steps=step, seconds=time.time() - t0, best_step=best_step,
-                         best={k: v for k, v in best.items() if k != "elapsed_s"}, stop_reason=reason)
+                         best={k: v for k, v in best.items() if k != "elapsed_s"}, stop_reason=reason,
+                         val_seconds=val_s)
 
 
 def make_adam(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
