@@ -70,18 +70,31 @@ class FT(Editor):
     def _prepare(self, batch: EditBatch) -> None:
         """Per-edit set-up before the first step (FT+KL computes its pre-edit locality logits)."""
 
+    def _optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
+        return make_optimizer(self.hparams.optimizer, params, self.hparams.lr)
+
+    def _done(self, logits: Tensor, loss: Tensor, batch: EditBatch) -> bool:
+        """Whether the edit is finished before another step: every target token is the argmax (``early_stop``)."""
+        return self.hparams.early_stop and bool(argmax_scores(logits.detach(), batch.labels)[0].all())
+
+    def _after_step(self, deltas: dict[str, Tensor]) -> None:
+        """Called after every optimiser step (FT-L projects the deltas back into its constraint)."""
+
     def edit(self, batch: EditBatch) -> Edit:
+        """At most ``max_steps`` steps on the edit loss over zero-initialised deltas of the edited weights, stopping
+        when :meth:`_done`; ``info["final_loss"]`` is the edit NLL at the last check."""
         hp = self.hparams
         deltas = {n: torch.zeros_like(w, requires_grad=True) for n, w in self.model.weights().items()}
-        opt = make_optimizer(hp.optimizer, list(deltas.values()), hp.lr)
+        opt = self._optimizer(list(deltas.values()))
         self._prepare(batch)
         steps = 0
         loss_val = float("nan")
         for _ in range(hp.max_steps):
             logits = self.model.logits(batch.inputs, deltas)
-            if hp.early_stop and bool(argmax_scores(logits.detach(), batch.labels)[0].all()):
-                break
             loss = nll(logits, batch.labels)
+            loss_val = float(loss.detach())
+            if self._done(logits, loss, batch):
+                break
             extra = self._extra_loss(deltas, batch)
             if extra is not None:
                 loss = self.hparams.c_edit * loss + extra  # type: ignore[attr-defined]
@@ -90,8 +103,8 @@ class FT(Editor):
             if hp.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(list(deltas.values()), hp.grad_clip)
             opt.step()
+            self._after_step(deltas)
             steps += 1
-            loss_val = float(loss.detach())
         return Edit({n: d.detach() for n, d in deltas.items()}, steps=steps, info={"final_loss": loss_val})
 
 

@@ -11,30 +11,36 @@ like every other editor of the suite (the same loss as FT).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
+from torch import Tensor
 
 from bench.data.batches import EditBatch
-from bench.losses import nll
 from bench.models import EditableModel
-from methods.base import Edit, Editor, Hparams
+from methods.base import Hparams
+from methods.ft import FT, FTHparams
 
 
-class FTLHparams(Hparams):
-    """kmeng01/rome FT-L defaults (GPT-2 XL and GPT-J, constrained)."""
+class FTLHparams(FTHparams):
+    """kmeng01/rome FT-L defaults (GPT-2 XL and GPT-J, constrained): Adam (the authors' weight_decay is 0), no
+    gradient clipping, no argmax stop (the loss threshold stops it)."""
 
     layers: list[int] = Field(default=[0], min_length=1, description="blocks whose MLP output projection is tuned")
+    optimizer: Literal["rmsprop", "adam", "sgd"] = "adam"
     lr: PositiveFloat = 5e-4
     max_steps: PositiveInt = 25
+    early_stop: bool = False
+    grad_clip: PositiveFloat | None = None
     norm_constraint: PositiveFloat | None = Field(
         default=5e-4, description="L-infinity bound on each weight's change; null: unconstrained (ROME's FT)")
     stop_loss: float = Field(default=1e-2, ge=0, description="stop once the edit loss is below this")
 
 
-class FTL(Editor):
-    """Constrained fine-tuning of chosen MLP output projections."""
+class FTL(FT):
+    """Constrained fine-tuning of chosen MLP output projections: FT's loop with a loss threshold as its stop test
+    and the L-infinity clamp after every step."""
 
     name = "ft_l"
     Hparams = FTLHparams
@@ -45,24 +51,13 @@ class FTL(Editor):
     @classmethod
     def select_weights(cls, model: EditableModel, hparams: Hparams) -> list[str]:
         """The output projection weight of the MLP of each block in ``layers``."""
-        return [f"{model.mlp_out(layer)}.weight" for layer in getattr(hparams, "layers", None) or [0]]
+        return [f"{model.mlp_out(layer)}.weight" for layer in hparams.layers]  # type: ignore[attr-defined]
 
-    def edit(self, batch: EditBatch) -> Edit:
-        hp = self.hparams
-        deltas = {n: torch.zeros_like(w, requires_grad=True) for n, w in self.model.weights().items()}
-        opt = torch.optim.Adam(list(deltas.values()), lr=hp.lr)  # the authors' weight_decay is 0
-        steps, loss_val = 0, float("nan")
-        for _ in range(hp.max_steps):
-            loss = nll(self.model.logits(batch.inputs, deltas), batch.labels)
-            loss_val = float(loss.detach())
-            if loss_val < hp.stop_loss:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            if hp.norm_constraint is not None:  # W stays within eps of the original, element-wise
-                with torch.no_grad():
-                    for d in deltas.values():
-                        d.clamp_(-hp.norm_constraint, hp.norm_constraint)
-        return Edit({n: d.detach() for n, d in deltas.items()}, steps=steps, info={"final_loss": loss_val})
+    def _done(self, logits: Tensor, loss: Tensor, batch: EditBatch) -> bool:
+        return float(loss.detach()) < self.hparams.stop_loss or super()._done(logits, loss, batch)
+
+    def _after_step(self, deltas: dict[str, Tensor]) -> None:
+        if self.hparams.norm_constraint is not None:  # W stays within eps of the original, element-wise
+            with torch.no_grad():
+                for d in deltas.values():
+                    d.clamp_(-self.hparams.norm_constraint, self.hparams.norm_constraint)
