@@ -150,6 +150,8 @@ class TrialSpec(_Strict):
     hparams: dict[str, Any] = Field(default_factory=dict)
     tuned: dict[str, dict[str, Any]] = Field(default_factory=dict, description="search spaces (TuneSpec dicts)")
     sampled: dict[str, Any] = Field(default_factory=dict, description="values drawn from ``tuned``")
+    point_digest: str = Field(default="", description="the grid point the trial was drawn from (its samples "
+                              "compete under a scheduler); a point without search spaces: its config digest")
     budget: Budget = Field(default_factory=Budget)
     model: ModelEntry
     dataset: DatasetEntry
@@ -483,13 +485,14 @@ def trials(sweep: Sweep, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     Draws are seeded by the point's configuration and the sample index, so the same sweep gives the same trials
     (what ``--resume`` needs to recognise finished ones). Every trial carries ``config_digest`` and, when drawn,
-    ``sampled``; a grid point without search spaces is one trial (a repeat would be identical: trials are
+    ``sampled``, and ``point_digest`` naming its grid point; a grid point without search spaces is one trial (a repeat would be identical: trials are
     deterministic).
     """
     out: list[dict[str, Any]] = []
     for p in points:
         if not p["tuned"]:
-            out.append({**p, "sampled": {}, "config_digest": config_digest(p, p["hparams"])})
+            digest = config_digest(p, p["hparams"])
+            out.append({**p, "sampled": {}, "config_digest": digest, "point_digest": digest})
             continue
         specs = {k: TuneSpec(**v) for k, v in p["tuned"].items()}
         base = config_digest(p, {"fixed": p["hparams"], "tuned": p["tuned"]})
@@ -499,7 +502,7 @@ def trials(sweep: Sweep, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
             hp = {**p["hparams"], **drawn}
             suffix = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in drawn.items())
             out.append({**p, "hparams": hp, "sampled": drawn, "run_name": f"{p['run_name']}/{suffix}",
-                        "config_digest": config_digest(p, hp)})
+                        "config_digest": config_digest(p, hp), "point_digest": base})
     return out
 
 

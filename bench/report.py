@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.schema import BY_NAME
-from bench.tracking import FIT_STOP_TAG, TRAINED_FROM_TAG
+from bench.tracking import FIT_STOP_TAG, POINT_DIGEST_TAG, SAMPLED_TAG, TRAINED_FROM_TAG
 from methods.base import BUDGET_LIMITED
 from bench.tracking import KIND_TAG as REPORT_TAG  # one place for tag names
 
@@ -391,6 +391,67 @@ def table_retention(curves: dict[tuple[str, str, str], list[tuple[int, float, fl
                           "after the last edit.")
 
 
+def tuning_runs(uri: str, experiment: str) -> list[dict]:
+    """The sampled trial runs of ``experiment`` (a search space's draws): FINISHED ones and those a scheduler
+    stopped (KILLED), newest run per run name; empty when the experiment sampled nothing."""
+    from bench.tracking import runs_frame
+
+    df = runs_frame(uri, experiment)
+    if df.is_empty() or f"t.{SAMPLED_TAG}" not in df.columns:
+        return []
+    df = df.filter(df[f"t.{SAMPLED_TAG}"].is_not_null() & df["status"].is_in(["FINISHED", "KILLED"]))
+    return df.sort("start_time", descending=True).unique(subset=["run_name"], keep="first",
+                                                         maintain_order=True).to_dicts()
+
+
+def chosen_sample(runs: list[dict]) -> tuple[dict | None, str]:
+    """The sample a grid point's tuning chooses, and by what: among its FINISHED runs, the best validation ES of
+    the fit's chosen checkpoint (ties: lower validation loss) for editors that validate; the best test ES for
+    editors that do not train (they report no validation metric)."""
+    done = [r for r in runs if r["status"] == "FINISHED"]
+    if not done:
+        return None, "no sample finished"
+    if any(not math.isnan(_num(r, "best_val_es")) for r in done):
+        best = max(done, key=lambda r: (_num(r, "best_val_es"), -_num(r, "best_val_loss")))
+        return best, "validation ES"
+    return max(done, key=lambda r: _num(r, "es")), "test ES (no validation)"
+
+
+def table_tuning(runs: list[dict]) -> tuple[list[str], list[list[str]], str]:
+    """One row per sample of every tuned grid point: the values drawn, whether it finished or the scheduler
+    stopped it, its validation ES / loss (the fit's chosen checkpoint; for a stopped trial, its last validation),
+    training steps, test ES; the chosen sample of each point in bold."""
+    import json
+
+    points: dict[str, list[dict]] = {}
+    for r in runs:
+        points.setdefault(r.get(f"t.{POINT_DIGEST_TAG}") or r["run_name"], []).append(r)
+    header = ["editor / model / dataset", "sample", "status", "val ES", "val loss", "steps", "test ES"]
+    rows, chosen_by = [], []
+    for _, rs in sorted(points.items(), key=lambda kv: (kv[1][0]["p.method"], kv[1][0]["p.model"],
+                                                        kv[1][0]["p.dataset"])):
+        best, how = chosen_sample(rs)
+        first = rs[0]
+        where = f"{first['p.method']} / {first['p.model']} / {first['p.dataset']}"
+        chosen_by.append(f"{first['p.method']}: {how}")
+        for r in sorted(rs, key=lambda r: json.loads(r[f"t.{SAMPLED_TAG}"]).get("lr", 0.0)):
+            drawn = json.loads(r[f"t.{SAMPLED_TAG}"])
+            sample = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in drawn.items())
+            done = r["status"] == "FINISHED"
+            val_es = _num(r, "best_val_es" if done else "val_es")
+            val_loss = _num(r, "best_val_loss" if done else "val_loss")
+            row = [where, sample, "finished" if done else "stopped by the scheduler",
+                   "-" if math.isnan(val_es) else f"{val_es:.3f}", "-" if math.isnan(val_loss) else f"{val_loss:.3f}",
+                   f"{_num(r, 'train_steps'):.0f}" if done and not math.isnan(_num(r, "train_steps")) else "-",
+                   _pm(_num(r, "es"), _num(r, "es_ci95")) if done else "-"]
+            rows.append([f"**{c}**" for c in row] if r is best else row)
+    note = ("Each tuned grid point's samples (values drawn from the sweep's search spaces); bold = the chosen "
+            "sample of its point, by " + "; ".join(chosen_by) + ". val ES / loss: the fit's chosen checkpoint "
+            "(a stopped trial: its last validation). Editors without validation are compared on the test edits "
+            "of this sweep: use a test set the tuned values are not then reported on.")
+    return header, rows, note
+
+
 def _scales(runs: list[dict]) -> str:
     pts: dict[float, float] = {}
     for r in runs:
@@ -508,6 +569,7 @@ TITLES = {
     "batch": "Table 5 style: batched edits",
     "cost": "Cost",
     "retention": "Sequential editing: retention",
+    "tuning": "Tuning: every sample of each search space",
 }
 
 
@@ -583,6 +645,11 @@ def build(uri: str, experiment: str, out: Path, formats: list[str]) -> Report:
         header, rows, note = table_retention(curves)
         rep.tables["retention"] = (header, rows)
         rep.notes["retention"] = note
+    tuned = tuning_runs(uri, experiment)
+    if tuned:
+        header, rows, note = table_tuning(tuned)
+        rep.tables["tuning"] = (header, rows)
+        rep.notes["tuning"] = note
     rep.plots = make_plots(ind, out) if not ind.is_empty() else {}
     if curves:
         rep.plots["retention"] = plot_retention(curves, out)

@@ -362,16 +362,18 @@ def _tune(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, experim
     try:
         scheduler = None
         if sweep.scheduler is not None:
-            from ray.tune.schedulers import ASHAScheduler
+            from bench.scheduling import PerPointASHA
 
             s = sweep.scheduler
             # The metric goes to the scheduler alone: trials of editors that never report it (FT) run to the end,
             # and Tune's strict check (every result must carry it) is off for that reason; validation made sure
-            # the metric is one that learned editors report at each validation.
+            # the metric is one that learned editors report at each validation. Samples compete only with the
+            # samples of their own grid point (MEND's learning rates with MEND's, not with ENN's).
             os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-            scheduler = ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode,
-                                      grace_period=s.grace_period, max_t=s.max_t,
-                                      reduction_factor=s.reduction_factor)
+            points = [t["point_digest"] for t in todo]
+            scheduler = PerPointASHA(lambda trial: points[int(trial.config["trial"])], metric=s.metric,
+                                     mode=s.mode, time_attr="training_iteration", grace_period=s.grace_period,
+                                     max_t=s.max_t, reduction_factor=s.reduction_factor)
             silent = sorted({t["method"] for t in todo if s.metric not in _validation_metrics(t["method"])})
             if silent:
                 print(f"scheduler: {', '.join(silent)} never report {s.metric}; their trials run to the end",

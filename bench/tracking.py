@@ -34,6 +34,9 @@ FIT_STOP_TAG = "editbench.fit_stop"
 #: run whose checkpoint a trial loaded instead of training.
 TRAIN_KEY_TAG = "editbench.train_key"
 TRAINED_FROM_TAG = "editbench.trained_from"
+#: A sampled trial's grid point (its samples compete under a scheduler) and the values drawn for it (JSON).
+POINT_DIGEST_TAG = "editbench.point_digest"
+SAMPLED_TAG = "editbench.sampled"
 
 #: URI schemes MLflow 3 serves a tracking store from (``postgresql+psycopg2`` etc. count as their base).
 KNOWN_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")

@@ -163,6 +163,11 @@ def test_shipped_asha_sweep_end_to_end_on_tiny_models(tmp_path: Path) -> None:
         assert row["p.method"] == "mend" and "stopped early by the asha scheduler" in row[f"t.{END_REASON_TAG}"]
     assert "FINISHED" in set(df.filter(df["p.method"] == "mend")["status"])
     assert df.filter(df["p.method"] == "mend")["val_loss"].null_count() == 0  # reported at each validation
+    # The report's tuning table: every sample of both points, one chosen (bold) per point.
+    report = (tmp_path / "reports" / "tune_lr" / "report.md").read_text()
+    tuning = report.split("## Tuning")[1].split("\n## ")[0]
+    rows = [line for line in tuning.splitlines() if line.startswith("| ") and "/ tiny-gpt2 /" in line]
+    assert len(rows) == 6 and sum("**finished**" in line for line in rows) == 2, tuning
 
 
 def test_the_same_trial_twice_gives_the_same_metrics(tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.config import load_sweep, plan, validate
+from bench.config import load_sweep, plan, trials, validate
 from bench.run import main
 from bench.trial import REQUIRED_METRICS
+from methods import REGISTRY
 from tests.conftest import REPO
 
 BASE = {
@@ -112,6 +113,39 @@ def test_plan_is_the_grid(tmp_path: Path) -> None:
 def test_shipped_sweeps_validate() -> None:
     for f in sorted((REPO / "sweeps").glob("*.yaml")):
         assert validate(load_sweep(f), str(f)), f
+
+
+def test_samples_of_one_grid_point_share_its_point_digest(tmp_path: Path) -> None:
+    """What PerPointASHA groups by: every sample of a point carries the point's digest; a point without search
+    spaces is its own group."""
+    doc = _patch(methods=[{"name": "ft", "hparams": {"lr": {"tune": "loguniform", "lower": 1e-5, "upper": 1e-3}}},
+                          {"name": "ft", "label": "ft_fixed", "hparams": {"lr": 1e-4}}], num_samples=3)
+    sweep = load_sweep(_write(tmp_path, doc))
+    got = trials(sweep, plan(sweep))
+    tuned = [t for t in got if t["sampled"]]
+    fixed = [t for t in got if not t["sampled"]]
+    assert len(tuned) == 3 and len({t["point_digest"] for t in tuned}) == 1
+    assert len({t["config_digest"] for t in tuned}) == 3
+    assert fixed[0]["point_digest"] == fixed[0]["config_digest"] != tuned[0]["point_digest"]
+
+
+def test_sequential_sweep_trains_its_learned_editors_as_the_default_does() -> None:
+    """sequential.yaml promises to reuse zsre.yaml's trained MEND/ENN/KE: everything of the training key that
+    the sweep files decide (hparams with defaults, budget, model, dataset options, seed) must match."""
+    def learned(name: str) -> dict[str, tuple]:
+        sweep = load_sweep(REPO / "sweeps" / name)
+        out = {}
+        for p in plan(sweep):
+            cls = REGISTRY[p["method"]]
+            if cls.learned:
+                out[p["method"]] = (cls.Hparams(**p["hparams"]).model_dump(), p["budget"], p["model"],
+                                    p["dataset"], p["seed"], p["data_files"])
+        return out
+
+    default, seq = learned("zsre.yaml"), learned("sequential.yaml")
+    assert set(default) == {"mend", "enn", "ke"}
+    for method, key in default.items():
+        assert seq[method] == key, method
 
 
 def test_dry_run_prints_the_plan(capsys) -> None:
