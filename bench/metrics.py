@@ -142,12 +142,14 @@ def _scores(model: EditableModel, batch: EditBatch, deltas: dict | None) -> tupl
 
 
 @torch.no_grad()
-def base_correct(model: EditableModel, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[bool]:
+def base_correct(model: EditableModel, pairs: Sequence[tuple[str, str]], batch_size: int = 32,
+                 digest: str | None = None) -> list[bool]:
     """Whether the unedited model's teacher-forced argmax gives every answer token, per (prompt, answer).
 
     The verdicts are kept in the keyed cache (``bench.cache``, namespace ``verdicts``) under the model's name and
     weight digest and the pairs, so the trials of a sweep that choose locality prompts from the same pool run the
-    model over it once (1209 known_1000 prompts: ~60 s for SmolLM2-135M on 2 cores)."""
+    model over it once (1209 known_1000 prompts: ~60 s for SmolLM2-135M on 2 cores). ``digest``: the model's
+    :func:`~bench.models.weights_digest` when the caller already has it (computed here otherwise)."""
     import json
 
     from bench.cache import cached
@@ -161,7 +163,7 @@ def base_correct(model: EditableModel, pairs: Sequence[tuple[str, str]], batch_s
             out.extend(bool(x) for x in exact.tolist())
         return out
 
-    inputs = {"model": model.name, "weights": weights_digest(model), "pairs": [list(p) for p in pairs]}
+    inputs = {"model": model.name, "weights": digest or weights_digest(model), "pairs": [list(p) for p in pairs]}
     verdicts, _ = cached("verdicts", inputs, "json", compute, lambda v, f: f.write_text(json.dumps(v)),
                          lambda f: [bool(x) for x in json.loads(f.read_text())])
     if len(verdicts) != len(pairs):

@@ -75,13 +75,14 @@ def _load_trained(editor: Any, uri: str, source: Any) -> FitResult:
 
 @dataclass
 class _Prepared:
-    """What the data step hands on: the task (splits final), the model to edit, the prepared base model's key and
-    the locality counts."""
+    """What the data step hands on: the task (splits final), the model to edit, the prepared base model's key,
+    the locality counts and the digest of the model's weights as loaded (hashed once per trial)."""
 
     task: Any
     model: Any
     prep_key: str | None
     loc_counts: dict[str, float]
+    digest: str
 
 
 def _prepare_data(spec: TrialSpec, run: Any, device: str, tracking_uri: str, experiment: str,
@@ -121,14 +122,17 @@ def _prepare_data(spec: TrialSpec, run: Any, device: str, tracking_uri: str, exp
                 model, task.splits[split], seed,
                 cache_tag=f"{file_sha256(Path(task.files[split]))[:16]}:{split}", **gen)
     run.log_params({"model_params": model.meta["n_params"]})
+    # One hash of the loaded weights serves the verdict cache, the before-digest and ROME/MEMIT's statistics key.
+    digest = weights_digest(model)
+    model.meta["weights_sha256"] = digest
     loc_counts = apply_locality(task, ds.locality or task.card.default_locality, spec.data_root, seed,
-                                correct=lambda pairs: base_correct(model, pairs))
+                                correct=lambda pairs: base_correct(model, pairs, digest=digest))
     root = spec.data_root
     run.log_params({f"data.{s}_file": os.path.relpath(f, root) if root and f.startswith(str(root)) else f
                     for s, f in task.files.items()})
     run.log_params({f"data.sha256.{k}": v for k, v in spec.data_files.items()})
     run.log_params({f"data.n_{s}": len(v) for s, v in task.splits.items()})
-    return _Prepared(task, model, prep_key, loc_counts)
+    return _Prepared(task, model, prep_key, loc_counts, digest)
 
 
 @dataclass
@@ -150,7 +154,7 @@ def _build_and_fit(spec: TrialSpec, data: _Prepared, run: Any, tracking_uri: str
     model, task = data.model, data.task
     editor = editor_cls(model, spec.hparams, data_root=spec.data_root)
     run.log_params({"edit_params": ",".join(editor.model.edit_params)})  # the editor's choice of weights
-    digest_before = weights_digest(model)
+    digest_before = data.digest
     source = None
     if editor_cls.learned:  # train once: a FINISHED run trained the same way lends its checkpoint
         key = training_key(spec.model_dump(), editor, editor.model, task, data.prep_key)
@@ -243,6 +247,9 @@ def run_trial(cfg: TrialSpec | Mapping[str, Any], tracking_uri: str, experiment:
     }
     if spec.config_digest:
         tags[tracking.CONFIG_DIGEST_TAG] = spec.config_digest
+    if spec.sampled:  # a draw from a search space: the report's tuning table groups it with its point's samples
+        tags[tracking.POINT_DIGEST_TAG] = spec.point_digest
+        tags[tracking.SAMPLED_TAG] = json.dumps(spec.sampled, sort_keys=True)
     with tracking.trial_run(tracking_uri, experiment, spec.run_name, tags) as run:
         run.log_params(params)
         data = _prepare_data(spec, run, device, tracking_uri, experiment, extra_tags)

@@ -296,7 +296,7 @@ def second_moment(model: EditableModel, module: str, hp: LocateHparams, data_roo
     from methods.base import weights_digest
 
     path = resolve_file(hp.mom2_corpus, data_root)
-    if "weights_sha256" not in model.meta:
+    if "weights_sha256" not in model.meta:  # a trial sets it once when it loads the model (bench.trial)
         model.meta["weights_sha256"] = weights_digest(model)
     inputs = {"stat": "mom2", "model": model.name, "weights": model.meta["weights_sha256"], "module": module,
               "corpus": files.file_sha256(path), "n_tokens": hp.mom2_n_tokens, "seq_len": hp.mom2_seq_len}

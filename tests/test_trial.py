@@ -39,6 +39,11 @@ def test_trial_end_to_end(method: str, model: str, tmp_path) -> None:
     learned = method in ("mend", "enn", "ke")
     assert arts == ({"per_edit.parquet", "editor"} if learned else {"per_edit.parquet"})
     assert df["t.base_model_changed"][0] == str(method == "enn")
+    # Where the time went: its parts fit inside the trial; only a trained editor spends time validating.
+    parts = df["prepare_time_s"][0] + df["train_time_s"][0] + df["eval_time_s"][0]
+    assert 0 < parts <= df["trial_time_s"][0] and min(df["prepare_time_s"][0], df["eval_time_s"][0]) > 0
+    assert 0 <= df["train_val_time_s"][0] <= df["train_time_s"][0]
+    assert (df["train_val_time_s"][0] > 0) == learned
     if learned:
         hist = client(uri).get_metric_history(df["run_id"][0], "val_es")
         assert [m.step for m in hist][:2] == [0, 2]  # validation before training and every val_every steps
