@@ -36,11 +36,12 @@ class FTHparams(Hparams):
 
 
 class FTKLHparams(FTHparams):
-    """FT+KL adds the locality KL; the paper weights the edit loss by 1e-2."""
+    """FT+KL adds the locality KL; the paper weights the edit loss by 1e-2. One locality input per step, as the
+    official config (``ft.locality.batch_size: 1``; ``run.py`` samples it with each step's ``edit_generator``)."""
 
     c_edit: PositiveFloat = 1e-2
     c_loc: PositiveFloat = 1.0
-    loc_batch_size: PositiveInt = 8
+    loc_batch_size: PositiveInt = Field(default=1, description="locality inputs per step (official: 1)")
     fresh_loc: bool = Field(default=True, description="draw a new locality batch at every step (official); false: "
                             "one batch per edit")
 
