@@ -484,9 +484,9 @@ def trials(sweep: Sweep, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The concrete trials: each grid point once, or ``num_samples`` times with its search spaces drawn.
 
     Draws are seeded by the point's configuration and the sample index, so the same sweep gives the same trials
-    (what ``--resume`` needs to recognise finished ones). Every trial carries ``config_digest`` and, when drawn,
-    ``sampled``, and ``point_digest`` naming its grid point; a grid point without search spaces is one trial (a repeat would be identical: trials are
-    deterministic).
+    (what ``--resume`` needs to recognise finished ones). Every trial carries ``config_digest``, ``point_digest``
+    naming its grid point and, when drawn, ``sampled``; a grid point without search spaces is one trial (a repeat
+    would be identical: trials are deterministic).
     """
     out: list[dict[str, Any]] = []
     for p in points:

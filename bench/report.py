@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.schema import BY_NAME
-from bench.tracking import FIT_STOP_TAG, POINT_DIGEST_TAG, SAMPLED_TAG, TRAINED_FROM_TAG
+from bench.tracking import END_REASON_TAG, FIT_STOP_TAG, POINT_DIGEST_TAG, SAMPLED_TAG, TRAINED_FROM_TAG
 from methods.base import BUDGET_LIMITED
 from bench.tracking import KIND_TAG as REPORT_TAG  # one place for tag names
 
@@ -440,7 +440,10 @@ def table_tuning(runs: list[dict]) -> tuple[list[str], list[list[str]], str]:
             done = r["status"] == "FINISHED"
             val_es = _num(r, "best_val_es" if done else "val_es")
             val_loss = _num(r, "best_val_loss" if done else "val_loss")
-            row = [where, sample, "finished" if done else "stopped by the scheduler",
+            why = r.get(f"t.{END_REASON_TAG}") or ""
+            status = ("finished" if done else "stopped by the scheduler" if "scheduler" in why
+                      else f"killed ({why})" if why else "killed")
+            row = [where, sample, status,
                    "-" if math.isnan(val_es) else f"{val_es:.3f}", "-" if math.isnan(val_loss) else f"{val_loss:.3f}",
                    f"{_num(r, 'train_steps'):.0f}" if done and not math.isnan(_num(r, "train_steps")) else "-",
                    _pm(_num(r, "es"), _num(r, "es_ci95")) if done else "-"]

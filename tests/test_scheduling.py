@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("ray.tune")
 
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from bench.scheduling import PerPointASHA  # noqa: E402
+from bench.scheduling import PerPointASHA
 
 ASHA = {"metric": "val_es", "mode": "max", "time_attr": "training_iteration", "grace_period": 1, "max_t": 8,
         "reduction_factor": 2}
@@ -72,9 +72,9 @@ def test_metric_missing_continues_and_tunes_own_metric_is_refused() -> None:
 
 def test_the_report_chooses_on_validation_and_shows_every_sample() -> None:
     from bench.report import chosen_sample, table_tuning
-    from bench.tracking import POINT_DIGEST_TAG, SAMPLED_TAG
+    from bench.tracking import END_REASON_TAG, POINT_DIGEST_TAG, SAMPLED_TAG
 
-    def run(name: str, point: str, method: str, lr: float, status: str, **m: float) -> dict:
+    def run(name: str, point: str, method: str, lr: float, status: str, **m: object) -> dict:
         return {"run_name": name, "status": status, "p.method": method, "p.model": "m", "p.dataset": "d",
                 f"t.{POINT_DIGEST_TAG}": point, f"t.{SAMPLED_TAG}": f'{{"lr": {lr}}}', **m}
 
@@ -82,7 +82,9 @@ def test_the_report_chooses_on_validation_and_shows_every_sample() -> None:
                 train_steps=200),
             run("b", "p1", "mend", 1e-3, "FINISHED", best_val_es=0.7, best_val_loss=0.6, es=0.6, es_ci95=0.1,
                 train_steps=100),
-            run("c", "p1", "mend", 1e-5, "KILLED", val_es=0.9, val_loss=0.1)]
+            run("c", "p1", "mend", 1e-5, "KILLED", val_es=0.9, val_loss=0.1,
+                **{f"t.{END_REASON_TAG}": "stopped early by the asha scheduler (val_es) before its evaluation"}),
+            run("f", "p1", "mend", 2e-5, "KILLED", **{f"t.{END_REASON_TAG}": "stopped by SIGINT"})]
     ft = [run("d", "p2", "ft", 1e-4, "FINISHED", es=0.3, es_ci95=0.1),
           run("e", "p2", "ft", 1e-3, "FINISHED", es=0.5, es_ci95=0.1)]
     # Validation decides, not test ES (a: better test ES) and not a stopped trial's last validation (c).
@@ -90,9 +92,10 @@ def test_the_report_chooses_on_validation_and_shows_every_sample() -> None:
     assert chosen_sample(ft) == (ft[1], "test ES (no validation)")
     assert chosen_sample([mend[2]]) == (None, "no sample finished")
     header, rows, note = table_tuning(mend + ft)
-    assert len(rows) == 5 and header[1] == "sample"
+    assert len(rows) == 6 and header[1] == "sample"
     bold = [r for r in rows if r[0].startswith("**")]
     assert [r[1] for r in bold] == ["**lr=0.001**", "**lr=0.001**"]
-    stopped = next(r for r in rows if "stopped" in r[2])
+    stopped = next(r for r in rows if "stopped by the scheduler" in r[2])
     assert stopped[3] == "0.900" and stopped[-1] == "-"
+    assert any(r[2] == "killed (stopped by SIGINT)" and r[3] == "-" for r in rows)  # not blamed on the scheduler
     assert "mend: validation ES" in note and "ft: test ES" in note
