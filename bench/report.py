@@ -445,7 +445,8 @@ def table_tuning(runs: list[dict]) -> tuple[list[str], list[list[str]], str]:
                       else f"killed ({why})" if why else "killed")
             row = [where, sample, status,
                    "-" if math.isnan(val_es) else f"{val_es:.3f}", "-" if math.isnan(val_loss) else f"{val_loss:.3f}",
-                   f"{_num(r, 'train_steps'):.0f}" if done and not math.isnan(_num(r, "train_steps")) else "-",
+                   f"{_num(r, 'train_steps'):.0f}" if done and r.get(f"t.{FIT_STOP_TAG}") not in (None, "untrained")
+                   else "-",
                    _pm(_num(r, "es"), _num(r, "es_ci95")) if done else "-"]
             rows.append([f"**{c}**" for c in row] if r is best else row)
     note = ("Each tuned grid point's samples (values drawn from the sweep's search spaces); bold = the chosen "

@@ -72,7 +72,7 @@ def test_metric_missing_continues_and_tunes_own_metric_is_refused() -> None:
 
 def test_the_report_chooses_on_validation_and_shows_every_sample() -> None:
     from bench.report import chosen_sample, table_tuning
-    from bench.tracking import END_REASON_TAG, POINT_DIGEST_TAG, SAMPLED_TAG
+    from bench.tracking import END_REASON_TAG, FIT_STOP_TAG, POINT_DIGEST_TAG, SAMPLED_TAG
 
     def run(name: str, point: str, method: str, lr: float, status: str, **m: object) -> dict:
         return {"run_name": name, "status": status, "p.method": method, "p.model": "m", "p.dataset": "d",
@@ -81,11 +81,12 @@ def test_the_report_chooses_on_validation_and_shows_every_sample() -> None:
     mend = [run("a", "p1", "mend", 1e-4, "FINISHED", best_val_es=0.5, best_val_loss=0.4, es=0.9, es_ci95=0.1,
                 train_steps=200),
             run("b", "p1", "mend", 1e-3, "FINISHED", best_val_es=0.7, best_val_loss=0.6, es=0.6, es_ci95=0.1,
-                train_steps=100),
+                train_steps=100, **{f"t.{FIT_STOP_TAG}": "max_steps"}),
             run("c", "p1", "mend", 1e-5, "KILLED", val_es=0.9, val_loss=0.1,
                 **{f"t.{END_REASON_TAG}": "stopped early by the asha scheduler (val_es) before its evaluation"}),
             run("f", "p1", "mend", 2e-5, "KILLED", **{f"t.{END_REASON_TAG}": "stopped by SIGINT"})]
-    ft = [run("d", "p2", "ft", 1e-4, "FINISHED", es=0.3, es_ci95=0.1),
+    ft = [run("d", "p2", "ft", 1e-4, "FINISHED", es=0.3, es_ci95=0.1, train_steps=0,
+              **{f"t.{FIT_STOP_TAG}": "untrained"}),
           run("e", "p2", "ft", 1e-3, "FINISHED", es=0.5, es_ci95=0.1)]
     # Validation decides, not test ES (a: better test ES) and not a stopped trial's last validation (c).
     assert chosen_sample(mend)[0]["run_name"] == "b"
@@ -95,6 +96,7 @@ def test_the_report_chooses_on_validation_and_shows_every_sample() -> None:
     assert len(rows) == 6 and header[1] == "sample"
     bold = [r for r in rows if r[0].startswith("**")]
     assert [r[1] for r in bold] == ["**lr=0.001**", "**lr=0.001**"]
+    assert [r[5] for r in bold] == ["**-**", "**100**"]  # ft first; steps only for an editor that trains
     stopped = next(r for r in rows if "stopped by the scheduler" in r[2])
     assert stopped[3] == "0.900" and stopped[-1] == "-"
     assert any(r[2] == "killed (stopped by SIGINT)" and r[3] == "-" for r in rows)  # not blamed on the scheduler
