@@ -71,9 +71,6 @@ class FT(Editor):
     def _prepare(self, batch: EditBatch) -> None:
         """Per-edit set-up before the first step (FT+KL computes its pre-edit locality logits)."""
 
-    def _optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
-        return make_optimizer(self.hparams.optimizer, params, self.hparams.lr)
-
     def _done(self, logits: Tensor, loss: Tensor, batch: EditBatch) -> bool:
         """Whether the edit is finished before another step: every target token is the argmax (``early_stop``)."""
         return self.hparams.early_stop and bool(argmax_scores(logits.detach(), batch.labels)[0].all())
@@ -86,7 +83,7 @@ class FT(Editor):
         when :meth:`_done`; ``info["final_loss"]`` is the edit NLL at the last check."""
         hp = self.hparams
         deltas = {n: torch.zeros_like(w, requires_grad=True) for n, w in self.model.weights().items()}
-        opt = self._optimizer(list(deltas.values()))
+        opt = make_optimizer(hp.optimizer, list(deltas.values()), hp.lr)
         self._prepare(batch)
         steps = 0
         loss_val = float("nan")
