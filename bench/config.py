@@ -164,6 +164,7 @@ class TrialSpec(_Strict):
     data_root: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     retrain: bool = False
+    reuse_converged: bool = False
     run_name: str
     config_digest: str | None = None
     shipped_data: bool = False
@@ -223,6 +224,11 @@ class Sweep(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     retrain: bool = Field(default=False, description="train learned editors even when the store holds a FINISHED "
                                                      "run trained the same way (default: load its checkpoint)")
+    reuse_converged: bool = Field(
+        default=False, description="learned editors: load the editor of a FINISHED run whose training CONVERGED "
+        "(patience on validation) under any step or time budget, and was otherwise trained the same way (method, "
+        "code, hparams, model and weights, train/val data, seed, edit batch), before training under this sweep's "
+        "budget; the run's tags name the source")
     models: list[ModelEntry] = Field(min_length=1)
     datasets: list[DatasetEntry] = Field(min_length=1)
     methods: list[MethodEntry] = Field(min_length=1)
@@ -443,6 +449,7 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
                     "data_root": sweep.data_root,
                     "device": sweep.device,
                     "retrain": sweep.retrain,
+                    "reuse_converged": sweep.reuse_converged,
                     "run_name": f"{label}/{model.name}/{ds.name}/bs{bs}{seq}/s{seed}/{digest({**hp, **tuned_specs})}",
                 }
             ).model_dump())
@@ -452,7 +459,8 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
 def config_digest(point: dict[str, Any], hparams: dict[str, Any]) -> str:
     """Stable digest of everything that determines a trial's result: method (and label), concrete hparams,
     budget, model and edited-weight globs, dataset options and file contents, seed, batch size and n_edits. Not
-    the data root, the device or the store: the same trial elsewhere has the same digest (``--resume`` key)."""
+    the data root, the device or the store: the same trial elsewhere has the same digest (``--resume`` key).
+    ``reuse_converged`` counts (when on): its trials may evaluate an editor trained longer than their budget."""
     ds = dict(point["dataset"])
     ds["paths"] = sorted(ds.get("paths") or {})  # which splits are replaced; their contents are in data_files
     blob = {"method": point["method"], "label": point["method_label"], "hparams": hparams,
@@ -461,6 +469,8 @@ def config_digest(point: dict[str, Any], hparams: dict[str, Any]) -> str:
             "edit_batch_size": point["edit_batch_size"], "n_edits": point["n_edits"]}
     if point.get("edit_mode", "independent") != "independent":  # independent trials keep their earlier digests
         blob.update(edit_mode=point["edit_mode"], checkpoints=point.get("checkpoints"))
+    if point.get("reuse_converged"):  # the editor may come from a longer training: another result
+        blob["reuse_converged"] = True
     return digest(blob, 16)
 
 

@@ -108,12 +108,12 @@ def _summary(tracking_uri: str, experiment: str, digests: set[str]) -> Any:
 
 
 def fit_column(df: Any) -> Any:
-    """The summary's ``fit`` column: "converged", "budget† (step S, best B)" for a training its budget ended, or
-    "-" for editors that do not train."""
+    """The summary's ``fit`` column: "converged (step S)", "budget† (step S, best B)" for a training its budget
+    ended, or "-" for editors that do not train; ", loaded" when the editor came from another run's training."""
     import polars as pl
 
     from bench.report import BUDGET_MARK
-    from bench.tracking import FIT_STOP_TAG
+    from bench.tracking import FIT_STOP_TAG, TRAINED_FROM_TAG
     from methods.base import BUDGET_LIMITED
 
     tag = f"t.{FIT_STOP_TAG}"
@@ -122,9 +122,14 @@ def fit_column(df: Any) -> Any:
     steps = pl.col("train_steps").cast(pl.Int64).cast(pl.Utf8) if "train_steps" in df.columns else pl.lit("?")
     best = (pl.col("train_best_step").cast(pl.Int64).cast(pl.Utf8) if "train_best_step" in df.columns
             else pl.lit("?"))
+    src = f"t.{TRAINED_FROM_TAG}"
+    loaded = (pl.when(pl.col(src).is_not_null()).then(pl.lit(", loaded")).otherwise(pl.lit(""))
+              if src in df.columns else pl.lit(""))
     return (pl.when(pl.col(tag).is_in(list(BUDGET_LIMITED)))
-            .then(pl.concat_str([pl.lit(f"budget{BUDGET_MARK} (step "), steps, pl.lit(", best "), best, pl.lit(")")]))
-            .when(pl.col(tag) == "converged").then(pl.lit("converged"))
+            .then(pl.concat_str([pl.lit(f"budget{BUDGET_MARK} (step "), steps, pl.lit(", best "), best, loaded,
+                                 pl.lit(")")]))
+            .when(pl.col(tag) == "converged").then(pl.concat_str([pl.lit("converged (step "), steps, loaded,
+                                                                  pl.lit(")")]))
             .otherwise(pl.lit("-")).alias("fit"))
 
 

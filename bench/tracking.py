@@ -33,7 +33,15 @@ FIT_STOP_TAG = "editbench.fit_stop"
 #: Digest of everything that determines a learned editor's training (see ``bench.trial.training_key``), and the
 #: run whose checkpoint a trial loaded instead of training.
 TRAIN_KEY_TAG = "editbench.train_key"
+#: The training key without the step and time budget (``bench.trial.convergence_key``): runs whose fit converged
+#: under it hold the same editor trained to convergence, whatever cap they ran under.
+CONVERGENCE_KEY_TAG = "editbench.convergence_key"
 TRAINED_FROM_TAG = "editbench.trained_from"
+#: Why a trial loaded its source's editor: "training key" (trained exactly as this trial would) or "converged"
+#: (the same editor trained to convergence; ``reuse_converged``).
+REUSE_TAG = "editbench.reuse"
+#: The step an interrupted training continued from (its saved state in the cache), when it did.
+FIT_RESUMED_TAG = "editbench.fit_resumed_from"
 #: A sampled trial's grid point (its samples compete under a scheduler) and the values drawn for it (JSON).
 POINT_DIGEST_TAG = "editbench.point_digest"
 SAMPLED_TAG = "editbench.sampled"
@@ -375,16 +383,19 @@ def finished_digests(uri: str, experiment: str) -> set[str]:
             return out
 
 
-def find_trained(uri: str, train_key: str) -> Any | None:
+def find_trained(uri: str, train_key: str, converged: bool = False) -> Any | None:
     """The newest FINISHED run in any experiment of the store whose editor was trained under ``train_key`` and
-    that logged an ``editor`` checkpoint (and did not itself load one), or None."""
+    that logged an ``editor`` checkpoint (and did not itself load one), or None. With ``converged``,
+    ``train_key`` is a convergence key (:data:`CONVERGENCE_KEY_TAG`) and only runs whose fit converged count."""
     c = client(uri)
     ids = [e.experiment_id for e in c.search_experiments()]
     if not ids:
         return None
-    runs = c.search_runs(ids, filter_string=f"attributes.status = 'FINISHED' and tags.`{TRAIN_KEY_TAG}` = "
-                                            f"'{train_key}'", order_by=["attributes.start_time DESC"],
-                         max_results=50)
+    query = f"attributes.status = 'FINISHED' and tags.`{TRAIN_KEY_TAG}` = '{train_key}'"
+    if converged:
+        query = (f"attributes.status = 'FINISHED' and tags.`{CONVERGENCE_KEY_TAG}` = '{train_key}' and "
+                 f"tags.`{FIT_STOP_TAG}` = 'converged'")
+    runs = c.search_runs(ids, filter_string=query, order_by=["attributes.start_time DESC"], max_results=50)
     for r in runs:
         if TRAINED_FROM_TAG in r.data.tags:
             continue  # a reuse points at its source; take the source itself

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from bench import tracking
+from bench.cache import cache_root
 from bench.config import TrialSpec
 from bench.data import apply_locality, fetch_public, file_sha256, load_card, load_task
 from bench.metrics import PeakMemory, base_correct, evaluate
@@ -50,16 +52,24 @@ def _records_digest(records: Sequence[Any]) -> str:
                                      default=str).encode()).hexdigest()
 
 
-def training_key(cfg: Mapping[str, Any], editor: Any, model: Any, task: Any, base_key: str | None) -> str:
+def training_key(cfg: Mapping[str, Any], editor: Any, model: Any, task: Any, base_key: str | None,
+                 budget: bool = True) -> str:
     """Digest of everything that determines a learned editor's training: method and its code version, the
     validated hyper-parameters (defaults included), budget, model (and prepared base model) and the resolved
     edited weights, seed, and the content of the train and val records as the editor sees them (after locality
-    and target generation). Test-side settings (n_edits, batch size, test file) are not part of it."""
+    and target generation). Test-side settings (n_edits, batch size, test file) are not part of it.
+
+    Without ``budget`` it is the convergence key: of the budget only what defines the training objective (edits
+    per step: ``batch_size``, ``grad_accum``) stays, so every fit of the same editor that converged on validation
+    has it, whatever step cap, validation schedule or patience it ran under."""
+    full = Budget(**(cfg.get("budget") or {})).model_dump()
     blob = {"method": cfg["method"], "code": type(editor).code_version(),
             "hparams": editor.hparams.model_dump(mode="json"),
-            "budget": Budget(**(cfg.get("budget") or {})).model_dump(),
+            "budget": full if budget else {k: full[k] for k in ("batch_size", "grad_accum")},
             "model": cfg["model"]["name"], "base_model": base_key, "edit_params": list(model.edit_params),
             "seed": int(cfg["seed"]), "train": _records_digest(task["train"]), "val": _records_digest(task["val"])}
+    if not budget:
+        blob["key"] = "convergence"
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -144,6 +154,7 @@ class _Fitted:
     seconds: float
     peak_mb: float
     source: Any
+    state_dir: Path | None = None  #: where the fit kept its training state (removed once the run holds the editor)
 
 
 def _build_and_fit(spec: TrialSpec, data: _Prepared, run: Any, tracking_uri: str, report: Reporter | None
@@ -155,12 +166,18 @@ def _build_and_fit(spec: TrialSpec, data: _Prepared, run: Any, tracking_uri: str
     editor = editor_cls(model, spec.hparams, data_root=spec.data_root)
     run.log_params({"edit_params": ",".join(editor.model.edit_params)})  # the editor's choice of weights
     digest_before = data.digest
-    source = None
+    source, state_dir = None, None
     if editor_cls.learned:  # train once: a FINISHED run trained the same way lends its checkpoint
         key = training_key(spec.model_dump(), editor, editor.model, task, data.prep_key)
-        run.set_tags({tracking.TRAIN_KEY_TAG: key})
+        conv = training_key(spec.model_dump(), editor, editor.model, task, data.prep_key, budget=False)
+        run.set_tags({tracking.TRAIN_KEY_TAG: key, tracking.CONVERGENCE_KEY_TAG: conv})
+        # An interrupted training of this key left its state here: the fit continues from it.
+        state_dir = cache_root() / "fit" / key
         if not spec.retrain:
-            source = tracking.find_trained(tracking_uri, key)
+            if spec.reuse_converged:  # the same editor trained to convergence, under whatever cap, comes first
+                source = tracking.find_trained(tracking_uri, conv, converged=True)
+            if source is None:
+                source = tracking.find_trained(tracking_uri, key)
 
     def log_step(step: int, metrics: Mapping[str, float]) -> None:
         run.log_metrics(metrics, step=step)
@@ -171,16 +188,23 @@ def _build_and_fit(spec: TrialSpec, data: _Prepared, run: Any, tracking_uri: str
     with PeakMemory(model.device) as fit_mem:
         if source is not None:
             fit = _load_trained(editor, tracking_uri, source)
-            run.set_tags({tracking.TRAINED_FROM_TAG: source.info.run_id})
-            log.info("%s: editor loaded from run %s (same training key) instead of training", spec.run_name,
-                     source.info.run_id)
+            same = source.data.tags.get(tracking.TRAIN_KEY_TAG) == key
+            run.set_tags({tracking.TRAINED_FROM_TAG: source.info.run_id,
+                          tracking.REUSE_TAG: "training key" if same else "converged"})
+            log.info("%s: editor loaded from run %s (%s) instead of training", spec.run_name, source.info.run_id,
+                     "same training key" if same else f"trained to convergence in {fit.steps} steps")
         else:
-            fit = editor.fit(task["train"], task["val"], spec.budget, log_step)
-    fit_s = 0.0 if source is not None else time.time() - t_fit
+            if spec.retrain and state_dir is not None:
+                shutil.rmtree(state_dir, ignore_errors=True)  # train from the start, not from a saved state
+            fit = editor.fit(task["train"], task["val"], spec.budget, log_step, state_dir=state_dir)
+            if fit.resumed_step:
+                run.set_tags({tracking.FIT_RESUMED_TAG: str(fit.resumed_step)})
+    # A resumed fit's own clock covers every piece of its training, this process's only the last.
+    fit_s = 0.0 if source is not None else (fit.seconds if fit.resumed_step else time.time() - t_fit)
     digest_after = weights_digest(model)
     run.set_tags({"base_weights_sha256.before": digest_before, "base_weights_sha256.after": digest_after,
                   "base_model_changed": str(digest_before != digest_after), tracking.FIT_STOP_TAG: fit.stop_reason})
-    return _Fitted(editor, fit, fit_s, fit_mem.mb if editor_cls.has_fit_step else 0.0, source)
+    return _Fitted(editor, fit, fit_s, fit_mem.mb if editor_cls.has_fit_step else 0.0, source, state_dir)
 
 
 def _log_results(spec: TrialSpec, run: Any, data: _Prepared, fitted: _Fitted, result: Any, t_start: float
@@ -205,6 +229,8 @@ def _log_results(spec: TrialSpec, run: Any, data: _Prepared, fitted: _Fitted, re
     if fitted.editor.modules():
         with tempfile.TemporaryDirectory() as tmp:
             run.log_artifact(fitted.editor.save(Path(tmp) / "editor"), "editor")
+    if fitted.state_dir is not None:  # the run holds the trained editor now: its training state is not needed
+        shutil.rmtree(fitted.state_dir, ignore_errors=True)
     log.info("%s: es=%.3f edit_acc=%.3f drawdown=%.3f loc_agree=%.3f (%.0fs)", spec.run_name,
              metrics.get("es", float("nan")), metrics.get("edit_acc", float("nan")),
              metrics.get("drawdown", float("nan")), metrics.get("loc_agree", float("nan")), metrics["trial_time_s"])

@@ -96,6 +96,7 @@ class FitResult:
     best: dict[str, float] = field(default_factory=dict)
     stop_reason: str = "untrained"
     val_seconds: float = 0.0  #: of ``seconds``, the time spent validating
+    resumed_step: int = 0  #: the step a resumed fit continued from (0: it started from scratch)
 
     @property
     def budget_limited(self) -> bool:
@@ -180,10 +181,16 @@ class Editor:
         val: Sequence[EditRecord],
         budget: Budget | None = None,
         log_fn: StepLogger | None = None,
+        state_dir: str | Path | None = None,
     ) -> FitResult:
         """Prepare the editor before its first edit: train it on training edits (learned editors) or compute what
         every edit reads (ROME/MEMIT's statistics; the splits may then be empty). Editors without a fit step
-        (:attr:`has_fit_step` False) do nothing."""
+        (:attr:`has_fit_step` False) do nothing.
+
+        ``state_dir``: a folder where a learned editor keeps its training state while it trains, so that a fit
+        that was interrupted (killed, Ctrl-C, a lost machine) continues where its last saved state left it when
+        called again with the same folder, splits and budget, and ends as the uninterrupted fit would have. Editors
+        that do not train ignore it."""
         return FitResult()
 
     def edit(self, batch: EditBatch) -> Edit:
@@ -379,8 +386,25 @@ class LearnedEditor(Editor):
         self.train(was)
         return {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
 
+    #: Least seconds between two saves of the training state into ``fit``'s ``state_dir`` (saves happen right
+    #: after a validation; the final state is always saved).
+    state_every_s: ClassVar[float] = 300.0
+
+    def _fit_fingerprint(self, train: Sequence[EditRecord], val: Sequence[EditRecord], budget: Budget) -> dict:
+        """What a saved training state must match to be continued: editor, code, hparams, budget, seed, splits."""
+        import dataclasses
+
+        def digest(records: Sequence[EditRecord]) -> str:
+            blob = json.dumps([dataclasses.asdict(r) for r in records], sort_keys=True, default=str)
+            return hashlib.sha256(blob.encode()).hexdigest()
+
+        return {"method": self.name, "code": self.code_version(), "hparams": self.hparams.model_dump(mode="json"),
+                "budget": budget.model_dump(), "seed": int(torch.initial_seed()), "train": digest(train),
+                "val": digest(val)}
+
     def fit(self, train: Sequence[EditRecord], val: Sequence[EditRecord], budget: Budget | None = None,
-            log_fn: StepLogger | None = None) -> FitResult:
+            log_fn: StepLogger | None = None, state_dir: str | Path | None = None) -> FitResult:
+        import dataclasses
         import random
         import time
 
@@ -389,19 +413,42 @@ class LearnedEditor(Editor):
             raise ValueError(f"{self.name}: fit needs non-empty train and val splits (got {len(train)}, {len(val)})")
         rng = random.Random(torch.initial_seed())
         val = list(val[: budget.val_edits])
+        saver = (_FitState(state_dir, self._fit_fingerprint(train, val, budget), self.state_every_s)
+                 if state_dir is not None else None)
+        saved = saver.load() if saver is not None else None
+        if saved is not None and saved["done"]:  # the fit had ended; only its result was not used yet
+            self.load_state_dict(saved["best_state"])
+            self.train(False)
+            log.info("%s: fit had finished before (%s); best state loaded from %s", self.name,
+                     saved["result"]["stop_reason"], saver.path)
+            return FitResult(**saved["result"])
         params = [p for g in self.param_groups() for p in g["params"]]
         opt = make_adam(self.param_groups())
         log_fn = log_fn or (lambda step, metrics: None)
         t0 = time.time()
-        best = self.validate(val, budget.batch_size)
-        val_s = time.time() - t0
-        log_fn(0, best)
-        log.info("%s step 0: %s", self.name, _fmt(best))
-        best_state = {k: v.clone() for k, v in self.state_dict().items()}
-        best_step, bad, step = 0, 0, 0
-        reason = "max_steps"
-        self.train(True)
         running: dict[str, float] = {}
+        # Training mode before any saved state is loaded: an editor may keep what it sees when training starts
+        # (ENN's copy of the original weights for its c_base anchor), which must be the untrained state.
+        self.train(True)
+        if saved is None:
+            best = self.validate(val, budget.batch_size)
+            val_s = time.time() - t0
+            log_fn(0, best)
+            log.info("%s step 0: %s", self.name, _fmt(best))
+            best_state = {k: v.clone() for k, v in self.state_dict().items()}
+            best_step, bad, step = 0, 0, 0
+        else:  # continue exactly where the saved state left off
+            self.load_state_dict(saved["editor"])
+            opt.load_state_dict(saved["opt"])
+            rng.setstate(saved["rng"])
+            torch.set_rng_state(saved["torch_rng"])
+            best, best_state, best_step, bad, step = (saved["best"], saved["best_state"], saved["best_step"],
+                                                      saved["bad"], saved["step"])
+            val_s, running = saved["val_s"], saved["running"]
+            t0 -= saved["elapsed"]
+            log.info("%s: resumed at step %d (best %d) from %s", self.name, step, best_step, saver.path)
+        resumed_step = step
+        reason = "max_steps"
         while step < budget.max_steps:
             step += 1
             for _ in range(budget.grad_accum):
@@ -433,6 +480,11 @@ class LearnedEditor(Editor):
                         log.info("%s: early stop at step %d (best %d)", self.name, step, best_step)
                         reason = "converged"
                         break
+                if saver is not None and not out_of_time and step < budget.max_steps:
+                    saver.save({"done": False, "step": step, "editor": self.state_dict(), "opt": opt.state_dict(),
+                                "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "best": best,
+                                "best_state": best_state, "best_step": best_step, "bad": bad, "val_s": val_s,
+                                "running": running, "elapsed": time.time() - t0})
             if out_of_time:
                 log.info("%s: time budget spent at step %d", self.name, step)
                 reason = "max_seconds"
@@ -442,9 +494,58 @@ class LearnedEditor(Editor):
         if reason != "converged":
             log.info("%s: budget-limited (%s) at step %d; last validation improvement at step %d", self.name,
                      reason, step, best_step)
-        return FitResult(steps=step, seconds=time.time() - t0, best_step=best_step,
-                         best={k: v for k, v in best.items() if k != "elapsed_s"}, stop_reason=reason,
-                         val_seconds=val_s)
+        result = FitResult(steps=step, seconds=time.time() - t0, best_step=best_step,
+                           best={k: v for k, v in best.items() if k != "elapsed_s"}, stop_reason=reason,
+                           val_seconds=val_s, resumed_step=resumed_step)
+        if saver is not None:  # a crash before the caller has used the result then costs no training
+            saver.save({"done": True, "best_state": best_state, "result": dataclasses.asdict(result)}, force=True)
+        return result
+
+
+#: The file ``LearnedEditor.fit`` keeps its training state in, inside its ``state_dir``.
+FIT_STATE_FILE = "fit_state.pt"
+
+
+class _FitState:
+    """A learned editor's saved training state: one file in ``state_dir``, replaced atomically (a reader never
+    sees half of it), saved at most every ``every_s`` seconds unless forced, and loaded only when its
+    ``fingerprint`` (editor, code, hparams, budget, seed, splits) matches."""
+
+    def __init__(self, state_dir: str | Path, fingerprint: dict, every_s: float) -> None:
+        import time
+
+        self.path = Path(state_dir) / FIT_STATE_FILE
+        self.fingerprint = fingerprint
+        self.every_s = every_s
+        self.last = time.time()
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or None when there is none, it is unreadable or it was saved for another fit."""
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged file costs the training done so far, not the trial
+            log.warning("fit state %s unreadable (%s): training from the start", self.path, e)
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning("fit state %s was saved by another fit (editor, code, hparams, budget, seed or splits "
+                        "differ): training from the start", self.path)
+            return None
+        return state
+
+    def save(self, state: Mapping[str, Any], force: bool = False) -> None:
+        """Write ``state`` (atomically) unless the last save is younger than ``every_s`` and not ``force``."""
+        import os
+        import time
+
+        if not force and time.time() - self.last < self.every_s:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        os.replace(tmp, self.path)
+        self.last = time.time()
 
 
 def make_adam(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
@@ -122,7 +123,7 @@ class FTKL(FT):
         self._loc: tuple[EditBatch, Tensor, Tensor] | None = None
 
     def fit(self, train: Sequence[EditRecord], val: Sequence[EditRecord], budget: Budget | None = None,
-            log_fn: StepLogger | None = None) -> FitResult:
+            log_fn: StepLogger | None = None, state_dir: str | Path | None = None) -> FitResult:
         """No training: keep the training records as the pool of locality inputs used at edit time."""
         self.pool = list(train)
         return FitResult()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
@@ -373,7 +374,7 @@ class LocateEditor(Editor):
         return True
 
     def fit(self, train: Sequence[EditRecord], val: Sequence[EditRecord], budget: Budget | None = None,
-            log_fn: StepLogger | None = None) -> FitResult:
+            log_fn: StepLogger | None = None, state_dir: str | Path | None = None) -> FitResult:
         """Sample the context templates and load (or compute and cache) the key second moment of every edited
         module, on the unedited model, so that no edit pays for them. Trains nothing; the splits are not read."""
         t0 = time.time()

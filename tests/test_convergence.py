@@ -104,3 +104,96 @@ def test_a_trained_editor_is_reused_by_the_same_training_and_edits_the_same(meth
     keys = [k for k in again if not any(n in k for n in ("time", "mem", "_s"))]
     for k in keys:  # the loaded editor edits exactly as the one trained again
         assert (math.isnan(reused[k]) and math.isnan(again[k])) or reused[k] == pytest.approx(again[k], abs=1e-6), k
+
+
+class _Interrupt(Exception):
+    """Stands for Ctrl-C or a killed process in the middle of a fit."""
+
+
+@pytest.mark.parametrize("method", sorted(HP))
+def test_an_interrupted_fit_resumes_from_its_saved_state_and_ends_as_an_uninterrupted_one(
+        method: str, tmp_path: Path, zsre) -> None:
+    """A fit killed after its step-4 validation continues, when called again with the same state folder, from the
+    state saved at step 2 and ends with exactly the parameters, steps and validation of a fit never interrupted;
+    called once more after it finished it only loads the result; another budget does not take the state."""
+    import torch
+
+    from bench.models import load_model
+    from methods import get_editor
+
+    budget = Budget(max_steps=6, val_every=2, val_edits=2, patience=50)
+
+    def editor():
+        torch.manual_seed(0)
+        ed = get_editor(method)(load_model("tiny-gpt2"), HP[method])
+        ed.state_every_s = 0.0  # save at every validation
+        return ed
+
+    straight = editor()
+    want = straight.fit(zsre["train"], zsre["val"], budget)
+
+    def kill_at_step_4(step: int, metrics) -> None:
+        if step == 4 and "val_loss" in metrics:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        editor().fit(zsre["train"], zsre["val"], budget, kill_at_step_4, state_dir=tmp_path)
+    assert (tmp_path / "fit_state.pt").exists()
+    resumed = editor()
+    got = resumed.fit(zsre["train"], zsre["val"], budget, state_dir=tmp_path)
+    assert got.resumed_step == 2 and want.resumed_step == 0
+    assert (got.steps, got.best_step, got.stop_reason) == (want.steps, want.best_step, want.stop_reason)
+    assert got.best == pytest.approx(want.best, rel=1e-5)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    done = editor()  # the fit had finished: its state folder holds the result and the best state
+    assert done.fit(zsre["train"], zsre["val"], budget, state_dir=tmp_path) == got
+    for k, v in done.state_dict().items():
+        torch.testing.assert_close(v, a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    other = editor().fit(zsre["train"], zsre["val"], Budget(max_steps=4, val_every=2, val_edits=2, patience=50),
+                         state_dir=tmp_path)
+    assert other.resumed_step == 0 and other.steps == 4
+
+
+def test_reuse_converged_loads_the_same_editor_trained_to_convergence_under_any_cap(tmp_path: Path) -> None:
+    """``reuse_converged``: a trial with a small step cap loads the editor of a FINISHED run trained the same way
+    whose fit converged under a larger cap (tags: source, reuse "converged"; the source's steps; the summary says
+    converged and loaded); without the option, or with another edit batch size in training, or when the only
+    same-editor run ended on its budget, the trial trains under its own budget."""
+    from bench.run import _summary
+    from bench.tracking import CONVERGENCE_KEY_TAG, REUSE_TAG, TRAINED_FROM_TAG
+
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    for e in ("long", "default"):
+        prepare_experiment(uri, e)
+
+    def trial(budget: dict, reuse: bool, lr: float = 1e-3) -> dict:
+        s = Sweep(name="x", n_edits=2, models=["tiny-gpt2"], reuse_converged=reuse,
+                  datasets=[{"name": "zsre", "n_train": 16, "n_val": 4}],
+                  methods=[{"name": "mend", "hparams": {"lr": lr, "rank": 8}, "budget": budget}])
+        (t,) = trials(s, plan(s))
+        return t
+
+    long = {"max_steps": 40, "val_every": 1, "val_edits": 2, "patience": 3}  # stops at step 3 or later
+    short = {"max_steps": 2, "val_every": 1, "val_edits": 2, "patience": 50}
+    run_trial(trial(long, False), uri, "long")                        # converges
+    run_trial(trial(long, False, lr=2e-3), uri, "long")
+    run_trial(trial({**short, "max_steps": 3}, False, lr=3e-3), uri, "long")  # budget-limited at lr 3e-3
+    src = runs_frame(uri, "long").sort("start_time")
+    assert list(src[f"t.{FIT_STOP_TAG}"]) == ["converged", "converged", "max_steps"]
+    todo = [trial(short, True), trial(short, False), trial({**short, "batch_size": 2}, True),
+            trial(short, True, lr=3e-3)]
+    for t in todo:
+        run_trial(t, uri, "default")
+    df = runs_frame(uri, "default").sort("start_time")
+    assert list(df[f"t.{TRAINED_FROM_TAG}"]) == [src["run_id"][0], None, None, None]
+    assert list(df[f"t.{REUSE_TAG}"]) == ["converged", None, None, None]
+    assert list(df[f"t.{FIT_STOP_TAG}"]) == ["converged", "max_steps", "max_steps", "max_steps"]
+    assert df["train_steps"][0] == src["train_steps"][0] > 2 and df["train_time_s"][0] == 0
+    assert df[f"t.{CONVERGENCE_KEY_TAG}"][0] == df[f"t.{CONVERGENCE_KEY_TAG}"][1] == src[f"t.{CONVERGENCE_KEY_TAG}"][0]
+    summary = _summary(uri, "default", {t["config_digest"] for t in todo[:1]})
+    assert list(summary["fit"]) == [f"converged (step {int(src['train_steps'][0])}, loaded)"]
