@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.schema import BY_NAME
-from bench.tracking import END_REASON_TAG, FIT_STOP_TAG, POINT_DIGEST_TAG, SAMPLED_TAG, TRAINED_FROM_TAG
+from bench.tracking import (CONFIG_DIGEST_TAG, END_REASON_TAG, FIT_STOP_TAG, POINT_DIGEST_TAG, REUSE_TAG, SAMPLED_TAG, TRAIN_KEY_TAG,
+                            TRAINED_FROM_TAG)
 from methods.base import BUDGET_LIMITED
 from bench.tracking import KIND_TAG as REPORT_TAG  # one place for tag names
 
@@ -70,8 +71,8 @@ class Report:
 def load_runs(uri: str, experiment: str) -> Any:
     """FINISHED trial runs of ``experiment`` as polars, with typed columns method/model/dataset/bs/model_params.
 
-    A grid point run again (same run name: method, model, dataset, batch size, seed and hyper-parameter digest)
-    counts once, by its newest FINISHED run, so a rerun sweep replaces its earlier results instead of being pooled with
+    A grid point run again (same config digest: everything that decides its result) counts once, by its newest
+    FINISHED run, so a rerun sweep replaces its earlier results instead of being pooled with
     them; different seeds are different points and are pooled by the tables. Runs of one method that differ in
     hyper-parameters or training budget (a grid or search space) are different configurations: their ``method``
     column names the differing values, e.g. ``ft (hparams.lr=0.001)``, so no table pools across them.
@@ -90,7 +91,12 @@ def load_runs(uri: str, experiment: str) -> Any:
         df = df.filter(pl.col(f"t.{REPORT_TAG}").is_null())
     if df.is_empty():
         raise ReportError(f"experiment {experiment!r} has no FINISHED trial runs")
-    newest = df.sort("start_time", descending=True).unique(subset=["run_name"], keep="first", maintain_order=True)
+    # A grid point's identity is its config digest (run names leave out the budget and sweep options); runs from
+    # before the digest existed fall back to their name.
+    ident = (pl.coalesce(pl.col(f"t.{CONFIG_DIGEST_TAG}"), pl.col("run_name"))
+             if f"t.{CONFIG_DIGEST_TAG}" in df.columns else pl.col("run_name"))
+    newest = (df.with_columns(ident.alias("_point")).sort("start_time", descending=True)
+              .unique(subset=["_point"], keep="first", maintain_order=True).drop("_point"))
     if newest.height < df.height:
         log.info("%s: %d earlier run(s) of a rerun grid point left out (newest kept)", experiment,
                  df.height - newest.height)
@@ -106,9 +112,9 @@ def load_runs(uri: str, experiment: str) -> Any:
 
 
 def _config_labels(rows: list[dict]) -> list[str]:
-    """Each run's method name, followed by the hyper-parameter and budget values that tell its configuration apart
-    from the method's other runs (none when the method ran in one configuration)."""
-    keys = sorted({k for r in rows for k in r if k.startswith(("p.hparams.", "p.budget."))})
+    """Each run's method name, followed by the hyper-parameter, budget (and ``reuse_converged``) values that tell its
+    configuration apart from the method's other runs (none when the method ran in one configuration)."""
+    keys = sorted({k for r in rows for k in r if k.startswith(("p.hparams.", "p.budget.", "p.reuse_converged"))})
     differing: dict[str, list[str]] = {}
     for m in {r["method"] for r in rows}:
         mine = [r for r in rows if r["method"] == m]
@@ -391,6 +397,81 @@ def table_retention(curves: dict[tuple[str, str, str], list[tuple[int, float, fl
                           "after the last edit.")
 
 
+def trained_runs(df: Any) -> list[dict]:
+    """The runs whose editor was trained (or loaded from a training), one per training: learned editors only,
+    one run per (editor configuration, dataset, model, training key), batch sizes sharing a training counted once."""
+    out: dict[tuple, dict] = {}
+    for r in df.to_dicts():
+        if r.get(f"t.{FIT_STOP_TAG}") in (None, "untrained"):
+            continue
+        key = (r["method"], r["dataset"], r["model"], r.get(f"t.{TRAIN_KEY_TAG}"), r.get(f"t.{TRAINED_FROM_TAG}"))
+        out.setdefault(key, r)
+    return [out[k] for k in sorted(out, key=lambda k: (k[1], k[2], k[0]))]
+
+
+def validation_curves(uri: str, runs: list[dict]) -> dict[str, list[tuple[int, float, float]]]:
+    """Row label -> [(step, val_es, val_loss)] of each trained run's fit, from its metric history (a run that
+    loaded its editor: its source run's history, where the training happened)."""
+    from bench.tracking import client
+
+    c = client(uri)
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    for r in runs:
+        rid = r.get(f"t.{TRAINED_FROM_TAG}") or r["run_id"]
+        es = {h.step: h.value for h in c.get_metric_history(rid, "val_es")}
+        loss = {h.step: h.value for h in c.get_metric_history(rid, "val_loss")}
+        if es:
+            curves[_training_label(r)] = [(k, es[k], loss.get(k, float("nan"))) for k in sorted(es)]
+    return curves
+
+
+def _training_label(r: dict) -> str:
+    return f"{r['method']} ({r['dataset']} / {r['model']})"
+
+
+def table_training(runs: list[dict]) -> tuple[list[str], list[list[str]], str]:
+    """One row per training of a learned editor: why the fit stopped, its steps, the step of its chosen
+    checkpoint (lowest validation loss), that checkpoint's validation ES and loss, the training's wall time, and
+    the run it was loaded from when the trial did not train."""
+    header = ["editor", "dataset / model", "fit", "steps", "chosen step", "val ES", "val loss", "train time (s)",
+              "loaded from"]
+    rows = []
+    for r in runs:
+        why = r.get(f"t.{FIT_STOP_TAG}")
+        src = r.get(f"t.{TRAINED_FROM_TAG}")
+        t = _num(r, "source_train_time_s") if src else _num(r, "train_time_s")
+        rows.append([r["method"], f"{r['dataset']} / {r['model']}",
+                     f"budget-limited ({why}) {BUDGET_MARK}" if why in BUDGET_LIMITED else str(why),
+                     f"{_num(r, 'train_steps'):.0f}", f"{_num(r, 'train_best_step'):.0f}",
+                     f"{_num(r, 'best_val_es'):.3f}", f"{_num(r, 'best_val_loss'):.3f}", f"{t:.0f}",
+                     f"{src[:12]} ({r.get(f't.{REUSE_TAG}') or 'training key'})" if src else "-"])
+    return header, rows, (
+        "Learned editors' trainings. fit: converged = validation loss did not improve for `patience` validations; "
+        f"budget-limited {BUDGET_MARK} = the step or time budget ended it first (the editor is not finished). "
+        "chosen step: the checkpoint with the lowest validation loss, which the editor keeps; val ES / loss: at "
+        "that checkpoint. loaded from: the run whose training the trial reused (same training key, or the same "
+        "editor trained to convergence), whose time is shown. Validation curves: training_curves.png.")
+
+
+def plot_training(curves: dict[str, list[tuple[int, float, float]]], out: Path) -> Path:
+    """Validation ES and loss against training step, one line per training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, pts in curves.items():
+        steps = [k for k, _, _ in pts]
+        a.plot(steps, [es for _, es, _ in pts], marker=".", label=label)
+        b.plot(steps, [loss for _, _, loss in pts], marker=".", label=label)
+    a.set(xlabel="training step", ylabel="validation ES", title="validation ES")
+    b.set(xlabel="training step", ylabel="validation loss", title="validation loss (early-stop key)")
+    b.set_yscale("log")
+    a.legend(fontsize=7)
+    return _save(fig, out / "training_curves.png")
+
+
 def tuning_runs(uri: str, experiment: str) -> list[dict]:
     """The sampled trial runs of ``experiment`` (a search space's draws): FINISHED ones and those a scheduler
     stopped (KILLED), newest run per run name; empty when the experiment sampled nothing."""
@@ -574,6 +655,7 @@ TITLES = {
     "cost": "Cost",
     "retention": "Sequential editing: retention",
     "tuning": "Tuning: every sample of each search space",
+    "training": "Training of the learned editors: convergence",
 }
 
 
@@ -649,6 +731,11 @@ def build(uri: str, experiment: str, out: Path, formats: list[str]) -> Report:
         header, rows, note = table_retention(curves)
         rep.tables["retention"] = (header, rows)
         rep.notes["retention"] = note
+    trained = trained_runs(df)
+    if trained:
+        header, rows, note = table_training(trained)
+        rep.tables["training"] = (header, rows)
+        rep.notes["training"] = note
     tuned = tuning_runs(uri, experiment)
     if tuned:
         header, rows, note = table_tuning(tuned)
@@ -657,6 +744,9 @@ def build(uri: str, experiment: str, out: Path, formats: list[str]) -> Report:
     rep.plots = make_plots(ind, out) if not ind.is_empty() else {}
     if curves:
         rep.plots["retention"] = plot_retention(curves, out)
+    val_curves = validation_curves(uri, trained) if trained else {}
+    if val_curves:
+        rep.plots["training_curves"] = plot_training(val_curves, out)
     if "md" in formats:
         md = [f"# Editing report: {experiment}", "", f"{rep.n_runs} finished trial runs.", ""]
         for key, (header, rows) in rep.tables.items():

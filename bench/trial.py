@@ -259,6 +259,8 @@ def run_trial(cfg: TrialSpec | Mapping[str, Any], tracking_uri: str, experiment:
               "dataset": spec.dataset.name, "n_edits": spec.n_edits, "edit_batch_size": spec.edit_batch_size,
               "seed": spec.seed, "hparams": dict(spec.hparams), "budget": spec.budget.model_dump(),
               "locality": spec.dataset.locality or "", "edit_mode": spec.edit_mode}
+    if spec.reuse_converged and editor_cls.learned:  # its editor may come from a longer training
+        params["reuse_converged"] = True
     tags = {
         **tracking.environment_tags(device),
         **(extra_tags or {}),

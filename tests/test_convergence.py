@@ -62,7 +62,10 @@ def test_budget_limited_cells_are_marked_in_summary_and_report(tmp_path: Path) -
         assert report.BUDGET_MARK in mend_row and report.BUDGET_MARK not in ft_row, section
     assert "stopped by max_steps at step 2, last validation improvement at step" in md
     assert report.BUDGET_MARK in (tmp_path / "rep" / "report.html").read_text()
-    assert rep is not None
+    header, rows = rep.tables["training"]  # one row per training: ft does not train
+    assert [r[0] for r in rows] == ["mend"] and rows[0][2] == f"budget-limited (max_steps) {report.BUDGET_MARK}"
+    assert rows[0][3] == "2" and rows[0][-1] == "-"
+    assert (tmp_path / "rep" / "training_curves.png").stat().st_size > 0
 
 
 HP = {"mend": {"lr": 1e-3, "rank": 8}, "enn": {"lr": 1e-3}, "ke": {"lr": 1e-3, "hidden_dim": 16,
@@ -197,3 +200,13 @@ def test_reuse_converged_loads_the_same_editor_trained_to_convergence_under_any_
     assert df[f"t.{CONVERGENCE_KEY_TAG}"][0] == df[f"t.{CONVERGENCE_KEY_TAG}"][1] == src[f"t.{CONVERGENCE_KEY_TAG}"][0]
     summary = _summary(uri, "default", {t["config_digest"] for t in todo[:1]})
     assert list(summary["fit"]) == [f"converged (step {int(src['train_steps'][0])}, loaded)"]
+    from bench import report
+
+    rep = report.build(uri, "default", tmp_path / "rep", ["md"])
+    _, rows = rep.tables["training"]
+    loaded = [r for r in rows if r[-1] != "-"]
+    assert len(loaded) == 1 and "reuse_converged=True" in loaded[0][0]  # told apart from the run that trained
+    assert len(loaded) == 1 and loaded[0][-1] == f"{src['run_id'][0][:12]} (converged)"
+    assert loaded[0][2] == "converged" and loaded[0][3] == str(int(src["train_steps"][0]))
+    curves = report.validation_curves(uri, report.trained_runs(report.load_runs(uri, "default")))
+    assert len(next(iter(c for c in curves.values() if len(c) == int(src["train_steps"][0]) + 1))) > 3

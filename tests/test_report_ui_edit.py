@@ -40,7 +40,7 @@ def test_report_tables_match_the_runs(store) -> None:
     uri, tmp = store
     out = tmp / "report"
     rep = build(uri, "rep", out, ["md", "csv", "tex", "html"])
-    assert set(rep.tables) == {"table1", "results", "batch", "cost"}
+    assert set(rep.tables) == {"table1", "results", "batch", "cost", "training"}
     df = load_runs(uri, "rep")
     assert df.height == 4
     header, rows = rep.tables["results"]
@@ -58,6 +58,10 @@ def test_report_tables_match_the_runs(store) -> None:
     cost = {r[0]: r for r in rep.tables["cost"][1]}
     trained = df.filter((df["method"] == "mend") & df["t.editbench.trained_from"].is_null())
     assert trained.height == 1  # batch size 2 loaded the editor batch size 1 trained (same training key)
+    # the training table: batch size 1 trained, batch size 2 loaded that training (one row each)
+    training = rep.tables["training"][1]
+    assert sorted(r[-1] == "-" for r in training) == [False, True] and {r[0] for r in training} == {"mend"}
+    assert (out / "training_curves.png").exists()
     assert cost["mend"][2] == f"{trained['train_time_s'][0]:.1f}"  # its training counted once
     t1 = {r[0]: r[1:] for r in rep.tables["table1"][1]}
     assert t1["mend"][0].startswith("✓") and t1["ft"][0].startswith("✓")  # hashes unchanged
@@ -71,10 +75,10 @@ def test_report_tables_match_the_runs(store) -> None:
         es2 = df.filter((df["method"] == m) & (df["bs"] == 2))["es"][0]
         assert t1[m][2] == f"{'✓' if es1 > 0 and es2 >= 0.8 * es1 else '✗'} ES {es2:.3f} at B=2 vs {es1:.3f} at B=1"
     for f in ("report.md", "report.tex", "report.html", "results.csv", "table1.csv", "es_vs_drawdown.png",
-              "es_vs_batch.png", "memory.png"):
+              "es_vs_batch.png", "memory.png", "training_curves.png"):
         assert (out / f).stat().st_size > 0, f
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "Table 1" in page
+    assert page.count("data:image/png;base64,") == 4 and "Table 1" in page
     rid = log_report(uri, "rep", out)
     assert {a.path for a in client(uri).list_artifacts(rid)} == {"report"}
     assert load_runs(uri, "rep").height == 4  # the report run is not a trial
