@@ -148,6 +148,31 @@ def test_sequential_sweep_trains_its_learned_editors_as_the_default_does() -> No
         assert seq[method] == key, method
 
 
+def test_the_default_sweep_can_reuse_the_converged_sweeps_editors() -> None:
+    """zsre.yaml loads zsre_converged.yaml's editors when the store has them: everything of the convergence key
+    the sweep files decide (hparams with defaults, edits per step, model, dataset options, seed) must match, and
+    the default must ask for it (reuse_converged) while the converged sweep trains until patience."""
+    def learned(name: str) -> dict[str, tuple]:
+        sweep = load_sweep(REPO / "sweeps" / name)
+        out = {}
+        for p in plan(sweep):
+            cls = REGISTRY[p["method"]]
+            if cls.learned:
+                per_step = {k: p["budget"][k] for k in ("batch_size", "grad_accum")}
+                out[p["method"]] = (cls.Hparams(**p["hparams"]).model_dump(), per_step, p["model"], p["dataset"],
+                                    p["seed"], p["data_files"])
+        return out
+
+    default, converged = learned("zsre.yaml"), learned("zsre_converged.yaml")
+    assert set(default) == set(converged) == {"mend", "enn", "ke"}
+    for method, key in default.items():
+        assert converged[method] == key, method
+    assert load_sweep(REPO / "sweeps" / "zsre.yaml").reuse_converged
+    assert load_sweep(REPO / "sweeps" / "sequential.yaml").reuse_converged
+    assert all(m.budget.max_steps >= 5000 for m in load_sweep(REPO / "sweeps" / "zsre_converged.yaml").methods
+               if REGISTRY[m.name].learned)
+
+
 def test_dry_run_prints_the_plan(capsys) -> None:
     assert main([str(REPO / "sweeps" / "zsre.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
