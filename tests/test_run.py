@@ -129,20 +129,23 @@ def test_samples_of_one_grid_point_share_its_point_digest(tmp_path: Path) -> Non
     assert fixed[0]["point_digest"] == fixed[0]["config_digest"] != tuned[0]["point_digest"]
 
 
+def _training_inputs(name: str, budget_keys: tuple[str, ...] | None = None) -> dict[str, tuple]:
+    """Per learned editor of a shipped sweep, what its training key takes from the sweep file: hparams with
+    defaults, the budget (only ``budget_keys`` when given), model, dataset options, seed, data files."""
+    out = {}
+    for p in plan(load_sweep(REPO / "sweeps" / name)):
+        cls = REGISTRY[p["method"]]
+        if cls.learned:
+            budget = p["budget"] if budget_keys is None else {k: p["budget"][k] for k in budget_keys}
+            out[p["method"]] = (cls.Hparams(**p["hparams"]).model_dump(), budget, p["model"], p["dataset"],
+                                p["seed"], p["data_files"])
+    return out
+
+
 def test_sequential_sweep_trains_its_learned_editors_as_the_default_does() -> None:
     """sequential.yaml promises to reuse zsre.yaml's trained MEND/ENN/KE: everything of the training key that
     the sweep files decide (hparams with defaults, budget, model, dataset options, seed) must match."""
-    def learned(name: str) -> dict[str, tuple]:
-        sweep = load_sweep(REPO / "sweeps" / name)
-        out = {}
-        for p in plan(sweep):
-            cls = REGISTRY[p["method"]]
-            if cls.learned:
-                out[p["method"]] = (cls.Hparams(**p["hparams"]).model_dump(), p["budget"], p["model"],
-                                    p["dataset"], p["seed"], p["data_files"])
-        return out
-
-    default, seq = learned("zsre.yaml"), learned("sequential.yaml")
+    default, seq = _training_inputs("zsre.yaml"), _training_inputs("sequential.yaml")
     assert set(default) == {"mend", "enn", "ke"}
     for method, key in default.items():
         assert seq[method] == key, method
@@ -152,18 +155,8 @@ def test_the_default_sweep_can_reuse_the_converged_sweeps_editors() -> None:
     """zsre.yaml loads zsre_converged.yaml's editors when the store has them: everything of the convergence key
     the sweep files decide (hparams with defaults, edits per step, model, dataset options, seed) must match, and
     the default must ask for it (reuse_converged) while the converged sweep trains until patience."""
-    def learned(name: str) -> dict[str, tuple]:
-        sweep = load_sweep(REPO / "sweeps" / name)
-        out = {}
-        for p in plan(sweep):
-            cls = REGISTRY[p["method"]]
-            if cls.learned:
-                per_step = {k: p["budget"][k] for k in ("batch_size", "grad_accum")}
-                out[p["method"]] = (cls.Hparams(**p["hparams"]).model_dump(), per_step, p["model"], p["dataset"],
-                                    p["seed"], p["data_files"])
-        return out
-
-    default, converged = learned("zsre.yaml"), learned("zsre_converged.yaml")
+    per_step = ("batch_size", "grad_accum")
+    default, converged = _training_inputs("zsre.yaml", per_step), _training_inputs("zsre_converged.yaml", per_step)
     assert set(default) == set(converged) == {"mend", "enn", "ke"}
     for method, key in default.items():
         assert converged[method] == key, method
