@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.schema import BY_NAME
-from bench.tracking import (CONFIG_DIGEST_TAG, END_REASON_TAG, FIT_STOP_TAG, POINT_DIGEST_TAG, REUSE_TAG, SAMPLED_TAG, TRAIN_KEY_TAG,
-                            TRAINED_FROM_TAG)
+from bench.tracking import (CONFIG_DIGEST_TAG, END_REASON_TAG, FIT_STOP_TAG, POINT_DIGEST_TAG, REUSE_TAG,
+                            SAMPLED_TAG, TRAIN_KEY_TAG, TRAINED_FROM_TAG)
 from methods.base import BUDGET_LIMITED
 from bench.tracking import KIND_TAG as REPORT_TAG  # one place for tag names
 

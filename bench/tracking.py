@@ -30,10 +30,10 @@ KIND_TAG = "editbench.kind"
 #: Why the editor's training ended (``methods.base.STOP_REASONS``): converged, or budget-limited (max_steps,
 #: max_seconds), or untrained (editors without a fit step).
 FIT_STOP_TAG = "editbench.fit_stop"
-#: Digest of everything that determines a learned editor's training (see ``bench.trial.training_key``), and the
+#: Digest of everything that determines a learned editor's training (see ``bench.trial.training_keys``), and the
 #: run whose checkpoint a trial loaded instead of training.
 TRAIN_KEY_TAG = "editbench.train_key"
-#: The training key without the step and time budget (``bench.trial.convergence_key``): runs whose fit converged
+#: The training key without the step and time budget (``bench.trial.training_keys``): runs whose fit converged
 #: under it hold the same editor trained to convergence, whatever cap they ran under.
 CONVERGENCE_KEY_TAG = "editbench.convergence_key"
 TRAINED_FROM_TAG = "editbench.trained_from"

@@ -52,25 +52,26 @@ def _records_digest(records: Sequence[Any]) -> str:
                                      default=str).encode()).hexdigest()
 
 
-def training_key(cfg: Mapping[str, Any], editor: Any, model: Any, task: Any, base_key: str | None,
-                 budget: bool = True) -> str:
-    """Digest of everything that determines a learned editor's training: method and its code version, the
-    validated hyper-parameters (defaults included), budget, model (and prepared base model) and the resolved
-    edited weights, seed, and the content of the train and val records as the editor sees them (after locality
-    and target generation). Test-side settings (n_edits, batch size, test file) are not part of it.
+def training_keys(cfg: Mapping[str, Any], editor: Any, model: Any, task: Any, base_key: str | None
+                  ) -> tuple[str, str]:
+    """The training key and the convergence key of a learned editor.
 
-    Without ``budget`` it is the convergence key: of the budget only what defines the training objective (edits
-    per step: ``batch_size``, ``grad_accum``) stays, so every fit of the same editor that converged on validation
-    has it, whatever step cap, validation schedule or patience it ran under."""
+    The training key digests everything that determines its training: method and its code version, the validated
+    hyper-parameters (defaults included), budget, model (and prepared base model) and the resolved edited weights,
+    seed, and the content of the train and val records as the editor sees them (after locality and target
+    generation). Test-side settings (n_edits, batch size, test file) are not part of it.
+
+    The convergence key is the same without the step cap, validation schedule and patience: of the budget only
+    what defines the training objective (edits per step: ``batch_size``, ``grad_accum``) stays, so every fit of
+    the same editor that converged on validation has it, whatever budget it ran under."""
     full = Budget(**(cfg.get("budget") or {})).model_dump()
     blob = {"method": cfg["method"], "code": type(editor).code_version(),
-            "hparams": editor.hparams.model_dump(mode="json"),
-            "budget": full if budget else {k: full[k] for k in ("batch_size", "grad_accum")},
+            "hparams": editor.hparams.model_dump(mode="json"), "budget": full,
             "model": cfg["model"]["name"], "base_model": base_key, "edit_params": list(model.edit_params),
             "seed": int(cfg["seed"]), "train": _records_digest(task["train"]), "val": _records_digest(task["val"])}
-    if not budget:
-        blob["key"] = "convergence"
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
+    conv = {**blob, "budget": {k: full[k] for k in ("batch_size", "grad_accum")}, "key": "convergence"}
+    return tuple(hashlib.sha256(json.dumps(b, sort_keys=True).encode()).hexdigest()[:32]  # type: ignore[return-value]
+                 for b in (blob, conv))
 
 
 def _load_trained(editor: Any, uri: str, source: Any) -> FitResult:
@@ -168,8 +169,7 @@ def _build_and_fit(spec: TrialSpec, data: _Prepared, run: Any, tracking_uri: str
     digest_before = data.digest
     source, state_dir = None, None
     if editor_cls.learned:  # train once: a FINISHED run trained the same way lends its checkpoint
-        key = training_key(spec.model_dump(), editor, editor.model, task, data.prep_key)
-        conv = training_key(spec.model_dump(), editor, editor.model, task, data.prep_key, budget=False)
+        key, conv = training_keys(spec.model_dump(), editor, editor.model, task, data.prep_key)
         run.set_tags({tracking.TRAIN_KEY_TAG: key, tracking.CONVERGENCE_KEY_TAG: conv})
         # An interrupted training of this key left its state here: the fit continues from it.
         state_dir = cache_root() / "fit" / key
