@@ -5,8 +5,8 @@ Location: ``$EDITBENCH_CACHE`` when set, else the user cache dir (``platformdirs
 :func:`key_of`), so a change of any input is a new entry and an old entry is never served for new inputs.
 Writes are atomic (a reader never sees half a file), so concurrent trials may share one cache.
 
-Used for converted and prepared base models, generated targets and editor statistics (ROME/MEMIT's key
-second moments).
+Used for converted and prepared base models, generated targets, the unedited model's verdicts and pre-edit
+probes (``bench.metrics``), saved training states and editor statistics (ROME/MEMIT's key second moments).
 """
 
 from __future__ import annotations
@@ -56,10 +56,15 @@ def cached(namespace: str, inputs: Any, suffix: str, compute: Callable[[], T], s
         except Exception as e:  # a corrupt entry is recomputed, not fatal
             log.warning("cache entry %s unreadable (%s); recomputing", path, e)
     value = compute()
+    store(path, inputs, value, save)
+    return value, False
+
+
+def store(path: Path, inputs: Any, value: T, save: Callable[[T, Path], None]) -> None:
+    """Write ``value`` as the entry at ``path`` (from :func:`path_for`) atomically, with the ``inputs`` it was
+    computed from beside it (``<entry>.inputs.txt``, for a reader; never read back)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save(value, tmp)
     os.replace(tmp, path)
-    # What the entry was computed from, beside it (for a reader; never read back).
     path.with_name(f"{path.name}.inputs.txt").write_text(json.dumps(inputs, sort_keys=True, default=str, indent=1))
-    return value, False

@@ -194,6 +194,85 @@ def _probe(model: EditableModel, groups: dict[str, tuple[list[str], list[Any], b
     return out
 
 
+#: Largest pre-edit probe entry kept in the cache (see :class:`PreEditProbes`); above it the probes are computed
+#: per trial as before (Wikitext's long locality passages: hundreds of MB of logits).
+PRE_CACHE_MAX_MB = 128.0
+
+
+class PreEditProbes:
+    """The unedited model's scores that every trial on the same model and test set computes alike: ES before the
+    edit (x'_e) and the locality logits (x_loc) of each edit batch, computed once and kept in the keyed cache
+    (``bench.cache``, namespace ``preedit``).
+
+    A batch's probe is computed exactly as :func:`evaluate` always computed it (one forward over that batch's
+    x'_e and x_loc), so a value served from the cache is bit-identical to a fresh one. What is kept: x'_e's exact
+    match and x_loc's labels and logits at its answer positions; the logits elsewhere are served as zeros, which
+    every locality score masks out (agreement, KL, drawdown, perplexity read answer positions only). The key holds
+    the model's name and weight digest (an editor that changes the base model, ENN, gets its own entry), device,
+    dtype, thread count, torch version and every probed text, so other inputs never share an entry. An entry over
+    :data:`PRE_CACHE_MAX_MB` is not stored."""
+
+    VERSION = 1
+
+    def __init__(self, model: EditableModel, batches: Sequence[dict[str, tuple[list[str], list[Any], bool]]],
+                 digest: str | None = None, use_cache: bool = True) -> None:
+        self.model = model
+        self.batches = batches
+        self.hit = False
+        self._fresh: list[dict[str, torch.Tensor]] = []
+        self._path = None
+        self._stored: list[dict[str, torch.Tensor]] | None = None
+        if not use_cache:
+            return
+        from bench.cache import key_of, path_for
+        from bench.models import weights_digest
+
+        self._inputs = {"v": self.VERSION, "model": model.name, "weights": digest or weights_digest(model),
+                        "device": model.device.type, "dtype": str(next(model.model.parameters()).dtype),
+                        "threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "batches": [{k: [list(g[0]), [str(x) for x in g[1]], g[2]] for k, g in b.items()}
+                                    for b in batches]}
+        self._path = path_for("preedit", key_of(self._inputs), "pt")
+        if self._path.exists():
+            try:
+                stored = torch.load(self._path, map_location="cpu", weights_only=True)
+                if len(stored) == len(batches):
+                    self._stored, self.hit = stored, True
+            except Exception as e:  # a corrupt entry is recomputed, not fatal
+                log.warning("pre-edit probe cache %s unreadable (%s); recomputing", self._path, e)
+
+    def get(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch ``i``'s (x'_e exact match before the edit, x_loc logits, x_loc labels); call in batch order when
+        the cache missed (the probes are computed as they are asked for)."""
+        if self._stored is not None:
+            e = self._stored[i]
+            labels = e["loc_labels"]
+            logits = torch.zeros(*labels.shape, e["loc_logits"].shape[-1], dtype=e["loc_logits"].dtype)
+            logits[labels != -100] = e["loc_logits"]
+            return e["equiv_exact"], logits.to(self.model.device), labels.to(self.model.device)
+        pre = _probe(self.model, self.batches[i], None)
+        exact, _ = argmax_scores(*pre["equiv"])
+        logits, labels = pre["loc"]
+        if self._path is not None:
+            self._fresh.append({"equiv_exact": exact.cpu(), "loc_labels": labels.cpu(),
+                                "loc_logits": logits[labels != -100].detach().cpu()})
+        return exact, logits, labels
+
+    def save(self) -> bool:
+        """Store the probes computed by :meth:`get` (all batches, under the size bound); whether it stored."""
+        if self._path is None or self.hit or len(self._fresh) != len(self.batches):
+            return False
+        mb = sum(e["loc_logits"].numel() * e["loc_logits"].element_size() for e in self._fresh) / 2**20
+        if mb > PRE_CACHE_MAX_MB:
+            log.info("pre-edit probes: %.0f MB of locality logits, over the %.0f MB bound: not cached", mb,
+                     PRE_CACHE_MAX_MB)
+            return False
+        from bench.cache import store
+
+        store(self._path, self._inputs, self._fresh, lambda v, f: torch.save(v, f))
+        return True
+
+
 @torch.no_grad()
 def retention(model: EditableModel, records: Sequence[EditRecord], deltas: dict, chunk: int = 16
               ) -> tuple[dict[str, float], list[float]]:
@@ -238,6 +317,8 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     mode: str = "independent",
     checkpoints: Sequence[int] | None = None,
+    digest: str | None = None,
+    cache_pre: bool = True,
 ) -> EvalResult:
     """Edit the model once per batch of ``edit_batch_size`` test records and score every record of the batch.
     ``editor`` is any object with ``edit(EditBatch) -> Edit``.
@@ -251,7 +332,10 @@ def evaluate(
     edits. The metrics gain the final ``retention_*`` scores.
 
     The probes of one edit (x_e, x'_e, x_loc and the ROME comparisons) share one forward pass before and one
-    after the edit."""
+    after the edit. The unedited model's probes are the same for every editor evaluated on this model and test
+    set: with ``cache_pre`` they come from the keyed cache when an earlier evaluation stored them
+    (:class:`PreEditProbes`; bit-identical to computing them). ``digest``: the current weights'
+    :func:`~bench.models.weights_digest` when the caller has it (computed here otherwise)."""
     if edit_batch_size < 1:
         raise ValueError(f"edit_batch_size must be >= 1, got {edit_batch_size}")
     if mode not in EDIT_MODES:
@@ -265,15 +349,35 @@ def evaluate(
         gc.collect()
         gc.freeze()
     try:
-        return _evaluate(editor, model, records, edit_batch_size, rome_neighbourhood, progress, mode, checkpoints)
+        return _evaluate(editor, model, records, edit_batch_size, rome_neighbourhood, progress, mode, checkpoints,
+                         digest, cache_pre)
     finally:
         if ours:
             gc.unfreeze()
 
 
+def _probe_groups(recs: Sequence[EditRecord], classifier: bool, rome_neighbourhood: bool
+                  ) -> dict[str, tuple[list[str], list[Any], bool]]:
+    """The (prompts, targets, space) groups :func:`evaluate` probes for one edit batch: x_e, x'_e and x_loc, and
+    where the true answer is known the ROME comparisons (``true_e``, ``true_q``, CounterFact's ``nb_new``)."""
+    tgt = [r.label for r in recs] if classifier else [r.target for r in recs]
+    loc_tgt = [r.loc_label for r in recs] if classifier else [r.loc_answer for r in recs]
+    known = [i for i, r in enumerate(recs) if r.true_answer is not None and not classifier]
+    sp = spaced(recs)  # generated continuations (Wikitext) are kept verbatim, as edit_batch tokenises them
+    return {
+        "edit": ([r.prompt for r in recs], tgt, sp),
+        "equiv": ([r.equiv_prompt for r in recs], tgt, sp),
+        "loc": ([r.loc_prompt for r in recs], loc_tgt, True),
+        "true_e": ([recs[i].prompt for i in known], [recs[i].true_answer for i in known], True),
+        "true_q": ([recs[i].equiv_prompt for i in known], [recs[i].true_answer for i in known], True),
+        "nb_new": ([recs[i].loc_prompt for i in known] if rome_neighbourhood else [],
+                   [recs[i].target for i in known] if rome_neighbourhood else [], True),
+    }
+
+
 def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRecord], edit_batch_size: int,
               rome_neighbourhood: bool, progress: Callable[[int, int], None] | None, mode: str,
-              checkpoints: Sequence[int] | None) -> EvalResult:
+              checkpoints: Sequence[int] | None, digest: str | None, cache_pre: bool) -> EvalResult:
     """:func:`evaluate`'s loop (arguments validated there)."""
     sequential = mode == "sequential"
     marks = checkpoint_schedule(len(records), checkpoints) if sequential else []
@@ -281,22 +385,14 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
     total: Any = None
     rows: list[dict[str, Any]] = []
     classifier = model.kind == "classifier"
-    for start in range(0, len(records), edit_batch_size):
+    starts = list(range(0, len(records), edit_batch_size))
+    all_groups = [_probe_groups(records[s : s + edit_batch_size], classifier, rome_neighbourhood) for s in starts]
+    pres = PreEditProbes(model, [{k: g[k] for k in ("equiv", "loc")} for g in all_groups], digest, cache_pre)
+    for b, start in enumerate(starts):
         recs = list(records[start : start + edit_batch_size])
-        tgt = [r.label for r in recs] if classifier else [r.target for r in recs]
-        loc_tgt = [r.loc_label for r in recs] if classifier else [r.loc_answer for r in recs]
+        groups = all_groups[b]
         known = [i for i, r in enumerate(recs) if r.true_answer is not None and not classifier]
-        sp = spaced(recs)  # generated continuations (Wikitext) are kept verbatim, as edit_batch tokenises them
-        groups: dict[str, tuple[list[str], list[Any], bool]] = {
-            "edit": ([r.prompt for r in recs], tgt, sp),
-            "equiv": ([r.equiv_prompt for r in recs], tgt, sp),
-            "loc": ([r.loc_prompt for r in recs], loc_tgt, True),
-            "true_e": ([recs[i].prompt for i in known], [recs[i].true_answer for i in known], True),
-            "true_q": ([recs[i].equiv_prompt for i in known], [recs[i].true_answer for i in known], True),
-            "nb_new": ([recs[i].loc_prompt for i in known] if rome_neighbourhood else [],
-                       [recs[i].target for i in known] if rome_neighbourhood else [], True),
-        }
-        pre = _probe(model, {k: groups[k] for k in ("equiv", "loc")}, None)
+        pre_q_exact, pre_loc, loc_labels = pres.get(b)
         eb = edit_batch(model, recs)
         with PeakMemory(model.device) as mem:
             t0 = time.perf_counter()
@@ -316,10 +412,9 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
         post = _probe(model, groups, edit.deltas)
         e_exact, e_tok = argmax_scores(*post["edit"])
         q_exact, q_tok = argmax_scores(*post["equiv"])
-        pre_q_exact, _ = argmax_scores(*pre["equiv"])
-        pre_loc_exact, _ = argmax_scores(*pre["loc"])
+        pre_loc_exact, _ = argmax_scores(pre_loc, loc_labels)
         post_loc_exact, _ = argmax_scores(*post["loc"])
-        (pre_loc, loc_labels), (post_loc, _) = pre["loc"], post["loc"]
+        post_loc = post["loc"][0]
         ans_mask = loc_labels != -100
         agree = argmax_agreement(pre_loc, post_loc, ans_mask)
         kl = per_seq_kl(pre_loc, post_loc, ans_mask)
@@ -376,6 +471,9 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
                      scores["retention_es"], scores["retention_loc_agree"])
         if progress:
             progress(len(rows), len(records))
+    if pres.save():
+        log.info("pre-edit probes of %d batches cached for the next evaluation on this model and test set",
+                 len(starts))
     metrics = aggregate(rows)
     if done_marks:
         metrics.update({k: v for k, v in done_marks[-1].items() if k != "n_edits"})

@@ -156,6 +156,7 @@ class _Fitted:
     peak_mb: float
     source: Any
     state_dir: Path | None = None  #: where the fit kept its training state (removed once the run holds the editor)
+    digest: str = ""  #: the base weights' digest after the fit (what the editor edits)
 
 
 def _build_and_fit(spec: TrialSpec, data: _Prepared, run: Any, tracking_uri: str, report: Reporter | None
@@ -204,7 +205,8 @@ def _build_and_fit(spec: TrialSpec, data: _Prepared, run: Any, tracking_uri: str
     digest_after = weights_digest(model)
     run.set_tags({"base_weights_sha256.before": digest_before, "base_weights_sha256.after": digest_after,
                   "base_model_changed": str(digest_before != digest_after), tracking.FIT_STOP_TAG: fit.stop_reason})
-    return _Fitted(editor, fit, fit_s, fit_mem.mb if editor_cls.has_fit_step else 0.0, source, state_dir)
+    return _Fitted(editor, fit, fit_s, fit_mem.mb if editor_cls.has_fit_step else 0.0, source, state_dir,
+                   digest_after)
 
 
 def _log_results(spec: TrialSpec, run: Any, data: _Prepared, fitted: _Fitted, result: Any, t_start: float
@@ -291,7 +293,7 @@ def run_trial(cfg: TrialSpec | Mapping[str, Any], tracking_uri: str, experiment:
         t_eval = time.time()
         result = evaluate(fitted.editor, data.model, data.task["test"], spec.edit_batch_size,
                           rome_neighbourhood=data.task.card.rome_neighbourhood, progress=progress,
-                          mode=spec.edit_mode, checkpoints=spec.checkpoints)
+                          mode=spec.edit_mode, checkpoints=spec.checkpoints, digest=fitted.digest)
         result.metrics["eval_time_s"] = time.time() - t_eval
         result.metrics["prepare_time_s"] = prepare_s
         metrics = _log_results(spec, run, data, fitted, result, t_start)

@@ -126,3 +126,68 @@ def test_base_model_verdicts_are_cached_by_weights_and_pairs(tmp_path, monkeypat
         next(m.model.parameters()).add_(1.0)
     base_correct(m, pairs)
     assert len(calls) == 2  # other pairs, other weights: computed again
+
+
+def _strip_cost(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("edit_time_s", "edit_peak_mem_mb")} for r in rows]
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama"])
+def test_pre_edit_probes_from_the_cache_equal_fresh_ones(zsre, alias, tmp_path, monkeypatch) -> None:
+    """The unedited model's probes are computed once per model and test set: a second evaluation takes them from
+    the cache without running them, and every per-edit value (ES before, locality agreement, KL, drawdown) is
+    bit-identical to an evaluation that computes them; other weights are another entry."""
+    import bench.metrics
+    from bench.metrics import PreEditProbes
+    from bench.models import load_model
+    from tests.conftest import private_cache
+
+    private_cache(monkeypatch, tmp_path / "cache")
+    m = tiny(alias)
+    recs = zsre["test"][:6]
+    fresh = evaluate(_Noise(m), m, recs, edit_batch_size=2, cache_pre=False)
+    assert not list((tmp_path / "cache").glob("preedit/*.pt"))  # cache_pre=False stores nothing
+    first = evaluate(_Noise(m), m, recs, edit_batch_size=2)
+    assert len(list((tmp_path / "cache").glob("preedit/*.pt"))) == 1
+    calls: list[bool] = []
+    real = bench.metrics._probe
+    monkeypatch.setattr(bench.metrics, "_probe", lambda mm, g, d: calls.append(d is None) or real(mm, g, d))
+    second = evaluate(_Noise(m), m, recs, edit_batch_size=2)
+    assert calls and not any(calls)  # only post-edit probes ran: the unedited model's came from the cache
+    assert _strip_cost(fresh.rows) == _strip_cost(first.rows) == _strip_cost(second.rows)
+    assert 0 < second.metrics["loc_kl"] and second.metrics["loc_agree"] < 1.0  # the values compared are not trivial
+    # Another batch size probes other batches; changed weights are another model: both computed again.
+    calls.clear()
+    evaluate(_Noise(m), m, recs, edit_batch_size=3)
+    assert any(calls)
+    other = load_model(alias)
+    with torch.no_grad():
+        next(other.model.parameters()).add_(0.01)
+    calls.clear()
+    evaluate(_Noise(other), other, recs, edit_batch_size=2)
+    assert any(calls)
+    # An entry over the size bound is not stored.
+    monkeypatch.setattr(bench.metrics, "PRE_CACHE_MAX_MB", 0.0)
+    n = len(list((tmp_path / "cache").glob("preedit/*.pt")))
+    evaluate(_Noise(m), m, recs, edit_batch_size=1)
+    assert len(list((tmp_path / "cache").glob("preedit/*.pt"))) == n
+    assert PreEditProbes.VERSION == 1
+
+
+def test_pre_edit_probes_serve_generation_perplexity(tmp_path, monkeypatch) -> None:
+    """Generation edits score drawdown as a perplexity ratio over the locality passage: cached probes give the
+    same ``ppl_pre`` as fresh ones (the zero logits outside the answer positions are masked out)."""
+    from bench.data import EditRecord
+    from tests.conftest import private_cache
+
+    private_cache(monkeypatch, tmp_path / "cache")
+    m = tiny("tiny-gpt2")
+    recs = [EditRecord(case_id=str(i), task="wikitext", prompt=f"Passage {i} begins with a sentence about", target=" rivers and hills",
+                       rephrases=("a sentence about",), loc_prompt="The", loc_answer=" weather today was cold and wet",
+                       kind="generation") for i in range(3)]
+    fresh = evaluate(_Noise(m), m, recs, cache_pre=False)
+    evaluate(_Noise(m), m, recs)
+    assert len(list((tmp_path / "cache").glob("preedit/*.pt"))) == 1
+    cached = evaluate(_Noise(m), m, recs)
+    assert _strip_cost(fresh.rows) == _strip_cost(cached.rows)
+    assert all(r["ppl_pre"] > 1 and r["ppl_post"] != r["ppl_pre"] for r in cached.rows)
