@@ -166,6 +166,24 @@ def test_the_default_sweep_can_reuse_the_converged_sweeps_editors() -> None:
                if REGISTRY[m.name].learned)
 
 
+def test_tune_lr_tunes_around_the_default_configuration() -> None:
+    """tune_lr.yaml says it tunes each editor around zsre.yaml's configuration, so its picks transfer: every
+    hyper-parameter it does not search, the model, the dataset options (locality source) and the per-step edits
+    must be zsre.yaml's."""
+    default = {m.name: m for m in load_sweep(REPO / "sweeps" / "zsre.yaml").methods}
+    tune = load_sweep(REPO / "sweeps" / "tune_lr.yaml")
+    base = load_sweep(REPO / "sweeps" / "zsre.yaml")
+    assert tune.models == base.models and tune.datasets == base.datasets
+    assert {m.name for m in tune.methods} == set(default)
+    for m in tune.methods:
+        searched = {k for k, v in m.hparams.items() if isinstance(v, dict) and "tune" in v}
+        assert searched, m.name
+        fixed = {k: v for k, v in m.hparams.items() if k not in searched}
+        assert fixed == {k: v for k, v in default[m.name].hparams.items() if k not in searched}, m.name
+        for k in ("batch_size", "grad_accum"):
+            assert getattr(m.budget, k) == getattr(default[m.name].budget, k), (m.name, k)
+
+
 def test_dry_run_prints_the_plan(capsys) -> None:
     assert main([str(REPO / "sweeps" / "zsre.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
