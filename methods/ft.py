@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 from torch import Tensor
 
-from bench.data.batches import EditBatch, loc_batch
+from bench.data.batches import EditBatch, loc_batch, stack_batches
 from bench.data.records import EditRecord
 from bench.losses import argmax_scores, kl_div, loc_mask, nll
 from methods.base import Budget, Edit, Editor, FitResult, Hparams, StepLogger
@@ -65,9 +65,10 @@ class FT(Editor):
     Hparams = FTHparams
     hparams: FTHparams
 
-    def _extra_loss(self, deltas: dict[str, Tensor], batch: EditBatch) -> Tensor | None:
-        """Additional loss term for subclasses (FT+KL's locality KL); ``None`` for plain FT."""
-        return None
+    def _step(self, deltas: dict[str, Tensor], batch: EditBatch) -> tuple[Tensor, Tensor | None]:
+        """One step's forward: the edit input's logits under ``deltas`` and the additional loss term of a subclass
+        (FT+KL's locality KL, from the same forward pass); ``None`` for plain FT."""
+        return self.model.logits(batch.inputs, deltas), None
 
     def _prepare(self, batch: EditBatch) -> None:
         """Per-edit set-up before the first step (FT+KL computes its pre-edit locality logits)."""
@@ -89,12 +90,11 @@ class FT(Editor):
         steps = 0
         loss_val = float("nan")
         for _ in range(hp.max_steps):
-            logits = self.model.logits(batch.inputs, deltas)
+            logits, extra = self._step(deltas, batch)
             loss = nll(logits, batch.labels)
             loss_val = float(loss.detach())
             if self._done(logits, loss, batch):
                 break
-            extra = self._extra_loss(deltas, batch)
             if extra is not None:
                 loss = self.hparams.c_edit * loss + extra  # type: ignore[attr-defined]
             opt.zero_grad(set_to_none=True)
@@ -145,9 +145,15 @@ class FTKL(FT):
             pre = self.model.logits(lb.inputs)
         return lb, pre, loc_mask(lb.inputs, lb.labels, self.model.kind)
 
-    def _extra_loss(self, deltas: dict[str, Tensor], batch: EditBatch) -> Tensor:
+    def _step(self, deltas: dict[str, Tensor], batch: EditBatch) -> tuple[Tensor, Tensor]:
+        """The edit input and this step's locality inputs share one forward pass (right-padded into one batch, as
+        the learned editors' training does; the official code runs two passes, which give the same values up to
+        float rounding). The step that ends the edit (every target token the argmax) has drawn and scored a
+        locality batch it does not use."""
         if self._loc is None or self.hparams.fresh_loc:
             self._loc = self._draw_loc()
         lb, pre, mask = self._loc
-        post = self.model.logits(lb.inputs, deltas)
-        return self.hparams.c_loc * kl_div(pre, post, mask)
+        n, width = batch.labels.shape
+        both = self.model.logits(stack_batches(batch, lb, self.model.tokenizer.pad_token_id).inputs, deltas)
+        post = both[n:, : lb.labels.shape[1]]
+        return both[:n, :width], self.hparams.c_loc * kl_div(pre, post, mask)

@@ -148,3 +148,25 @@ def test_ft_l_tunes_only_its_layers_within_the_constraint(zsre) -> None:
     assert FTL.Hparams().layers == [0] and FTL.Hparams().max_steps == 25 and FTL.Hparams().norm_constraint == 5e-4
     with pytest.raises(ValueError, match="causal"):
         FTL(tiny("tiny-t5"))
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama", "tiny-t5"])
+def test_ft_kl_step_shares_one_forward_pass_with_the_same_values(zsre, alias) -> None:
+    """FT+KL scores the edit input and its locality inputs in one forward pass: the edit logits, the KL term and
+    its gradient equal those of two separate passes (the official code's), up to float rounding."""
+    m = tiny(alias)
+    ed = FTKL(m, {"lr": 1e-3, "loc_batch_size": 2, "c_loc": 1.0})
+    ed.fit(zsre["train"], zsre["val"])
+    b = edit_batch(m, zsre["test"][:2])
+    ed._prepare(b)
+    g = torch.Generator().manual_seed(0)
+    deltas = {n: (1e-2 * torch.randn(w.shape, generator=g)).requires_grad_() for n, w in m.weights().items()}
+    logits, kl = ed._step(deltas, b)
+    lb, pre, mask = ed._loc
+    assert torch.allclose(logits, m.logits(b.inputs, deltas), atol=1e-5)
+    apart = kl_div(pre, m.logits(lb.inputs, deltas), mask)
+    assert float(kl.detach()) > 0 and float(kl.detach()) == pytest.approx(float(apart.detach()), rel=1e-4, abs=1e-7)
+    one = torch.autograd.grad(nll(logits, b.labels) + kl, list(deltas.values()))
+    two = torch.autograd.grad(nll(m.logits(b.inputs, deltas), b.labels) + apart, list(deltas.values()))
+    for x, y in zip(one, two):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
