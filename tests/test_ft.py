@@ -170,3 +170,43 @@ def test_ft_kl_step_shares_one_forward_pass_with_the_same_values(zsre, alias) ->
     two = torch.autograd.grad(nll(m.logits(b.inputs, deltas), b.labels) + apart, list(deltas.values()))
     for x, y in zip(one, two):
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_ft_kl_reuses_unedited_locality_logits_without_changing_an_edit(zsre, monkeypatch) -> None:
+    """Locality inputs drawn again get the unedited logits kept from their first draw: the edits are identical
+    to recomputing them, with fewer forward passes of the unedited model; nothing is kept beyond the bound, and
+    sequential editing (the "unedited" model moves) recomputes."""
+    import methods.ft
+
+    m = tiny("tiny-gpt2")
+    pool = zsre["train"][:3]  # a small pool: draws repeat
+    batches = [edit_batch(m, [r]) for r in zsre["test"][:4]]
+    real = m.logits
+    calls: list[bool] = []
+
+    def counting(inputs, deltas=None):  # type: ignore[no-untyped-def]
+        calls.append(deltas is None)
+        return real(inputs, deltas)
+
+    monkeypatch.setattr(m, "logits", counting)
+
+    def run(memo_mb: float) -> tuple[list, int]:
+        monkeypatch.setattr(methods.ft, "PRE_MEMO_MB", memo_mb)
+        ed = FTKL(m, {"optimizer": "adam", "lr": 1e-3, "max_steps": 4, "early_stop": False})
+        ed.fit(pool, zsre["val"])
+        calls.clear()
+        out = [ed.edit(b).deltas for b in batches]
+        return out, sum(calls)
+
+    fresh, n_fresh = run(0.0)
+    kept, n_kept = run(512.0)
+    assert n_fresh == 16 and n_kept <= 3  # 4 edits x 4 steps, against one pass per distinct locality input
+    for a, b in zip(fresh, kept):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    ed = FTKL(m, {"optimizer": "adam", "lr": 1e-3, "max_steps": 2, "early_stop": False})
+    ed.fit(pool, zsre["val"])
+    with m.applying(fresh[0]):
+        calls.clear()
+        ed.edit(batches[1])
+        ed.edit(batches[1])
+    assert sum(calls) == 4 and not ed._pre
