@@ -356,13 +356,18 @@ def evaluate(
             gc.unfreeze()
 
 
+def _known(recs: Sequence[EditRecord], classifier: bool) -> list[int]:
+    """Indices of the records whose true answer is known (the ROME comparisons; never for classifiers)."""
+    return [i for i, r in enumerate(recs) if r.true_answer is not None and not classifier]
+
+
 def _probe_groups(recs: Sequence[EditRecord], classifier: bool, rome_neighbourhood: bool
                   ) -> dict[str, tuple[list[str], list[Any], bool]]:
     """The (prompts, targets, space) groups :func:`evaluate` probes for one edit batch: x_e, x'_e and x_loc, and
-    where the true answer is known the ROME comparisons (``true_e``, ``true_q``, CounterFact's ``nb_new``)."""
+    for the records :func:`_known` names the ROME comparisons (``true_e``, ``true_q``, CounterFact's ``nb_new``)."""
     tgt = [r.label for r in recs] if classifier else [r.target for r in recs]
     loc_tgt = [r.loc_label for r in recs] if classifier else [r.loc_answer for r in recs]
-    known = [i for i, r in enumerate(recs) if r.true_answer is not None and not classifier]
+    known = _known(recs, classifier)
     sp = spaced(recs)  # generated continuations (Wikitext) are kept verbatim, as edit_batch tokenises them
     return {
         "edit": ([r.prompt for r in recs], tgt, sp),
@@ -391,7 +396,7 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
     for b, start in enumerate(starts):
         recs = list(records[start : start + edit_batch_size])
         groups = all_groups[b]
-        known = [i for i, r in enumerate(recs) if r.true_answer is not None and not classifier]
+        known = _known(recs, classifier)
         pre_q_exact, pre_loc, loc_labels = pres.get(b)
         eb = edit_batch(model, recs)
         with PeakMemory(model.device) as mem:
