@@ -73,7 +73,9 @@ def load_runs(uri: str, experiment: str) -> Any:
 
     A grid point run again (same config digest: everything that decides its result) counts once, by its newest
     FINISHED run, so a rerun sweep replaces its earlier results instead of being pooled with
-    them; different seeds are different points and are pooled by the tables. Runs of one method that differ in
+    them; different seeds are different points and are pooled by the tables. Runs of one point that differ only in
+    ``n_edits`` evaluated nested test sets (the first N edits of the same split): the run with the most edits stands
+    for them, so no edit is counted twice. Runs of one method that differ in
     hyper-parameters or training budget (a grid or search space) are different configurations: their ``method``
     column names the differing values, e.g. ``ft (hparams.lr=0.001)``, so no table pools across them.
     """
@@ -100,7 +102,7 @@ def load_runs(uri: str, experiment: str) -> Any:
     if newest.height < df.height:
         log.info("%s: %d earlier run(s) of a rerun grid point left out (newest kept)", experiment,
                  df.height - newest.height)
-    df = newest
+    df = _largest_test_set(newest)
     casts = [pl.col("p.method").alias("method"), pl.col("p.model").alias("model"),
              pl.col("p.dataset").alias("dataset"), pl.col("p.edit_batch_size").cast(pl.Int64).alias("bs")]
     if "p.model_params" in df.columns:
@@ -109,6 +111,30 @@ def load_runs(uri: str, experiment: str) -> Any:
     casts.append(mode.fill_null("independent").alias("mode"))
     df = df.with_columns(casts)
     return df.with_columns(pl.Series("method", _config_labels(df.to_dicts())))
+
+
+#: Run params that only say how many of the test split's first edits a run evaluated (see ``_largest_test_set``).
+TEST_SIZE_PARAMS = ("p.n_edits", "p.data.n_test")
+
+
+def _largest_test_set(df: Any) -> Any:
+    """Of runs whose params agree on everything but the test size, the one with the most edits (the newest of equal
+    ones). Their test edits are the first ``n_edits`` of the same split (seed, files and options are params), so the
+    smaller runs' edits are the larger one's first ones: pooling them would count those edits twice and narrow the
+    CI as if they were new. Runs whose params differ anywhere else (seed, hyper-parameters, files) are untouched."""
+    import polars as pl
+
+    if "p.n_edits" not in df.columns:
+        return df
+    same = [c for c in sorted(df.columns) if c.startswith("p.") and c not in TEST_SIZE_PARAMS]
+    cell = pl.concat_str([pl.col(c).cast(pl.Utf8).fill_null("\x00") for c in same], separator="\x1f")
+    kept = (df.with_columns(cell.alias("_cell"), pl.col("p.n_edits").cast(pl.Int64).alias("_n"))
+            .sort(["_n", "start_time"], descending=True)
+            .unique(subset=["_cell"], keep="first", maintain_order=True).drop("_cell", "_n"))
+    if kept.height < df.height:
+        log.info("%d run(s) on the first edits of a larger run's test set left out (the larger run counts)",
+                 df.height - kept.height)
+    return kept
 
 
 def _config_labels(rows: list[dict]) -> list[str]:

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from bench.config import Sweep, plan
+from bench.config import Sweep, plan, trials
 from bench.edit import main as edit_main
 from bench.report import build, load_runs, log_report
 from bench.report import main as report_main
@@ -182,3 +182,27 @@ def test_a_rerun_point_counts_once_and_configurations_are_not_pooled(tmp_path) -
     rows = build(uri, "again", tmp_path / "rep", ["md"]).tables["results"][1]
     assert {r[0] for r in rows} == labels
     assert all("(n=2)" in r[1] for r in rows)  # 2 edits each: neither the rerun nor the other lr pooled in
+
+
+def test_runs_on_nested_test_sets_count_once_and_seeds_still_pool(tmp_path) -> None:
+    """The same point evaluated on its first 2 and then its first 3 test edits: only the 3-edit run counts (the
+    2-edit run's edits are its first ones). Another seed is another sample and is pooled with it."""
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+
+    def points(n_edits: int, seeds: list[int]) -> list[dict]:  # as `bench.run` makes them: config digests tagged
+        sweep = Sweep(name="nested", n_edits=n_edits, seeds=seeds, models=["tiny-gpt2"],
+                      datasets=[{"name": "zsre", "n_train": 8, "n_val": 2}],
+                      methods=[{"name": "ft", "hparams": {"lr": 1e-2, "max_steps": 2}}])
+        return trials(sweep, plan(sweep))
+
+    prepare_experiment(uri, "nested")
+    small, = points(2, [0])
+    large, other_seed = points(3, [0, 1])
+    for point in (large, small, other_seed):  # the smaller run is the newer one: size decides, not age
+        run_trial(point, uri, "nested")
+    every = runs_frame(uri, "nested")
+    assert every.height == 3
+    df = load_runs(uri, "nested")
+    assert sorted(zip(df["p.seed"].to_list(), df["p.n_edits"].cast(int).to_list())) == [("0", 3), ("1", 3)]
+    rows = build(uri, "nested", tmp_path / "rep", ["md"]).tables["results"][1]
+    assert len(rows) == 1 and "(n=6)" in rows[0][1]  # 3 + 3 edits; the 2-edit run's edits are not counted again
