@@ -39,16 +39,51 @@ def _proc_status_kb(key: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def _libc() -> Any:
+    """glibc, or None where the C library is another (macOS, musl): its heap calls are then skipped."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 def _trim_heap() -> None:
     """Return freed memory to the OS (glibc) so the next allocations show up in the resident set."""
-    import ctypes
-    import gc
-
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+#: glibc's ``mallopt`` parameters (malloc.h) and the values :func:`keep_freed_memory` gives them: serve requests up
+#: to 32 MiB (the most glibc accepts) from its heap instead of a fresh mmap each, and hand free memory at the heap's
+#: top back to the OS only above 2 GiB (the most an ``int`` holds) instead of 2x the largest freed block.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES = 32 * 2**20, 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc reuse freed memory instead of returning it to the OS after every training step or edit.
+
+    With glibc's defaults a process that frees and allocates gigabytes per step (ENN's dense gradients of every
+    base weight, each edit's deltas) gets its pages back from the kernel each time, zero-filled on first touch:
+    measured on SmolLM2-135M at one thread, 435k page faults and 1.5 s of the 4.6 s of an ENN training step in the
+    kernel (MEND 0.08 s of 1.1 s, KE 0.22 of 1.3 s); with this setting 0.4-0.5 s (ENN), 0.00 (MEND), 0.05 (KE).
+    Values are bit-identical: only where memory comes from changes. Memory measurements keep their meaning:
+    :class:`PeakMemory` trims the heap before it resets the high-water mark. Applies to the whole process, from
+    the call on; returns False (and changes nothing) where the C library is not glibc.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    if not ok:
+        log.debug("mallopt refused the heap settings; glibc's defaults stay")
+    return ok
 
 
 class PeakMemory:

@@ -25,7 +25,7 @@ from bench import tracking
 from bench.cache import cache_root
 from bench.config import TrialSpec
 from bench.data import apply_locality, fetch_public, file_sha256, load_card, load_task
-from bench.metrics import PeakMemory, base_correct, evaluate
+from bench.metrics import PeakMemory, base_correct, evaluate, keep_freed_memory
 from bench.schema import REQUIRED, STYLES
 from bench.models import load_model
 from bench.prepare import generation_targets, prepare_base
@@ -256,6 +256,7 @@ def run_trial(cfg: TrialSpec | Mapping[str, Any], tracking_uri: str, experiment:
     threads = int(os.environ.get("EDITBENCH_THREADS", "0"))
     if threads > 0:
         torch.set_num_threads(threads)
+    keep_freed_memory()  # freed memory reused, not zero-filled again by the kernel (ENN's step 22% faster)
     editor_cls = get_editor(spec.method)
     params = {"method": spec.method_label, "method_class": spec.method, "model": spec.model.name,
               "dataset": spec.dataset.name, "n_edits": spec.n_edits, "edit_batch_size": spec.edit_batch_size,
