@@ -71,10 +71,12 @@ def keep_freed_memory() -> bool:
     With glibc's defaults a process that frees and allocates gigabytes per step (ENN's dense gradients of every
     base weight, each edit's deltas) gets its pages back from the kernel each time, zero-filled on first touch:
     measured on SmolLM2-135M at one thread, 435k page faults and 1.5 s of the 4.6 s of an ENN training step in the
-    kernel (MEND 0.08 s of 1.1 s, KE 0.22 of 1.3 s); with this setting 0.4-0.5 s (ENN), 0.00 (MEND), 0.05 (KE).
-    Values are bit-identical: only where memory comes from changes. Memory measurements keep their meaning:
-    :class:`PeakMemory` trims the heap before it resets the high-water mark. Applies to the whole process, from
-    the call on; returns False (and changes nothing) where the C library is not glibc.
+    kernel (MEND 0.08 s of 1.1 s, KE 0.22 of 1.3 s); with this setting 0.4-0.7 s (ENN), 0.00 (MEND), 0.05 (KE).
+    Training steps, each setting in its own process, alternated: ENN 6.7 / 6.4 s -> 4.9 / 5.0 s, MEND 2.6 / 3.7 /
+    3.1 s -> 2.3 / 2.1 / 2.3 s, KE 2.0 / 2.1 s -> 1.8 / 1.9 s; FT's evaluation unchanged (PeakMemory trims the heap
+    before every edit). Values are bit-identical: only where memory comes from changes. Memory measurements keep
+    their meaning: :class:`PeakMemory` trims the heap before it resets the high-water mark. Applies to the whole
+    process, from the call on; returns False (and changes nothing) where the C library is not glibc.
     """
     libc = _libc()
     if libc is None:

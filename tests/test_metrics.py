@@ -102,17 +102,18 @@ def _heap_probe(mode: str) -> dict:
 
 
 def test_keep_freed_memory_reuses_the_heap_and_peak_memory_still_counts_it() -> None:
-    """Each probe runs in a fresh process (the setting is process-wide): with glibc's defaults, memory freed after
-    a step goes back to the OS and the next step faults every page in again; kept, it is reused. PeakMemory trims
-    the heap at entry, so an allocation inside it counts in full either way."""
+    """Each probe runs in a fresh process (the setting is process-wide). Kept, the third round of 160 MB reuses
+    the memory the second freed: under a tenth of its 40960 pages fault in. (With glibc's defaults the freed
+    memory usually goes back to the OS and every page faults in again: 40929 faults in 6 of 7 probes here; the
+    seventh kept it by chance, so the default side is not asserted.) PeakMemory trims the heap at entry, so an
+    allocation inside it counts in full either way."""
     from bench.metrics import _libc
 
     if _libc() is None:
         pytest.skip("not glibc: keep_freed_memory changes nothing here")
     default, kept = _heap_probe("default"), _heap_probe("keep")
     assert kept["kept"] is True and default["kept"] is False
-    assert default["faults"] > 30000  # ~160 MB of 4 KB pages faulted in again
-    assert kept["faults"] < default["faults"] / 10
+    assert kept["faults"] < 4096
     assert default["peak_mb"] >= 56 and kept["peak_mb"] >= 56
 
 
