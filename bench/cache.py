@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -31,6 +32,16 @@ def cache_root() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("editbench"))
+
+
+def rng_kept() -> AbstractContextManager:
+    """A block whose use of torch's global random generators (the CPU one and every visible CUDA device's) is
+    undone on exit, seed included. Whatever is cached because it is expensive runs in one (generated targets,
+    a prepared base model, tiny random models): a trial's random state is then what its seed made it, whether
+    such a product was computed in the trial or read from the cache (or prepared by the driver)."""
+    import torch
+
+    return torch.random.fork_rng(devices=None if torch.cuda.is_available() else [])
 
 
 def key_of(inputs: Any, n: int = 32) -> str:

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Literal, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.cache import cache_root
+from bench.cache import cache_root, rng_kept
 
 log = logging.getLogger(__name__)
 
@@ -507,7 +507,8 @@ def load_model(
     t0 = time.time()
     meta: dict = {}
     if name in TINY_ALIASES:
-        model, tok = _tiny(name, num_labels)
+        with rng_kept():  # seeded to 0 inside: the same weights always, the caller's random state untouched
+            model, tok = _tiny(name, num_labels)
     else:
         if name == "smollm2-135m":
             path = str(smollm2_dir())

@@ -73,3 +73,27 @@ def test_generation_settings_from_the_sweep_reach_target_generation(tmp_path, mo
     for r in rows:
         assert len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) <= 25  # decode/re-encode may split one
         assert 2 <= len(tok(r["target"], add_special_tokens=False)["input_ids"]) <= 6
+
+
+def test_cached_products_leave_the_random_state_as_the_seed_made_it(tmp_path, monkeypatch) -> None:
+    """Sampling targets, building a tiny model and training a base model all draw random numbers; a trial that
+    computes them must continue from the same random state as one that reads them from the cache."""
+    import torch
+
+    from bench.data import load_task
+    from bench.models import load_model
+    from bench.prepare import generation_targets, prepare_base
+
+    private_cache(monkeypatch, tmp_path / "cache")
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    recs = load_task("wikitext", seed=0, sizes={"train": 2, "val": 1, "test": 1})["train"]
+    fever = load_task("fever", seed=0, sizes={"train": 8, "val": 4, "test": 1})
+    for _ in range(2):  # computed, then served from the cache
+        torch.manual_seed(5)
+        model = load_model("tiny-gpt2")
+        generation_targets(model, recs, seed=0, n_tokens=3, max_prompt_tokens=16)
+        prepare_base("tiny-bert", fever, 0, {"steps": 2, "batch_size": 4})
+        assert torch.initial_seed() == 5
+        assert torch.equal(torch.rand(4), expected)
+
