@@ -306,6 +306,8 @@ def _run(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, stop: _S
 
     errors: list[str] = []
     try:
+        if todo and not args.address:  # trials on this machine share its cache: each data step once, here
+            _prepare_shared(todo, uri, experiment, sweep_id)
         if todo:
             errors = _tune(args, sweep, todo, uri, experiment, sweep_id, stop)
     except KeyboardInterrupt:
@@ -328,6 +330,21 @@ def _run(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, stop: _S
     for e in errors:
         print(f"trial failed: {e}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _prepare_shared(todo: list[dict[str, Any]], uri: str, experiment: str, sweep_id: str) -> None:
+    """Run the trials' data steps (model conversion, generated targets, locality verdicts, a prepared base model)
+    once each in the driver, with all its threads, before Ray starts: two one-thread trials would otherwise
+    compute the same cache entries side by side (bench.trial.prepare_shared)."""
+    import time
+
+    from bench.tracking import SWEEP_ID_TAG
+    from bench.trial import prepare_shared
+
+    t0 = time.time()
+    lines = prepare_shared(todo, uri, experiment, {SWEEP_ID_TAG: sweep_id})
+    if lines:
+        print(f"prepared once for the trials ({time.time() - t0:.0f} s): " + "; ".join(lines), flush=True)
 
 
 def _tune(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, experiment: str, sweep_id: str,

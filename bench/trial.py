@@ -146,6 +146,54 @@ def _prepare_data(spec: TrialSpec, run: Any, device: str, tracking_uri: str, exp
     return _Prepared(task, model, prep_key, loc_counts, digest)
 
 
+class _NoRun:
+    """Takes the place of a trial's MLflow run where nothing is logged (:func:`prepare_shared`)."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Nothing is logged."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Nothing is logged."""
+
+
+def data_step_key(spec: TrialSpec) -> str:
+    """What decides a trial's data step (model, dataset entry, seed, test size, data root): trials with the same
+    key load the same model and compute the same cached targets and locality verdicts."""
+    return json.dumps({"model": spec.model.model_dump(mode="json"), "dataset": spec.dataset.model_dump(mode="json"),
+                       "seed": spec.seed, "n_edits": spec.n_edits, "data_root": spec.data_root}, sort_keys=True)
+
+
+def prepare_shared(cfgs: Sequence[TrialSpec | Mapping[str, Any]], tracking_uri: str, experiment: str,
+                   extra_tags: Mapping[str, str] | None = None) -> list[str]:
+    """Run each distinct data step of ``cfgs`` (:func:`data_step_key`) of CPU trials once, in this process and
+    with its threads, before the trials start: the model's converted weights, generated targets (Wikitext), the
+    base model's locality verdicts and a prepared base model (FEVER) are then in the cache when the trials ask,
+    instead of two concurrent trials computing the same ones side by side at one thread each. Nothing is logged
+    but a prepared base model's own run, as a trial would log it. Returns one line per step, with its time.
+
+    Failures are logged and left to the trials: a data step that fails here fails the same way in each trial
+    that needs it, whose run then records the error (FAILED), as without this step."""
+    done: list[str] = []
+    seen: set[str] = set()
+    for cfg in cfgs:
+        spec = cfg if isinstance(cfg, TrialSpec) else TrialSpec.model_validate(dict(cfg))
+        key = data_step_key(spec)
+        if key in seen or pick_device(spec.device) != "cpu":  # a CUDA context here would hold the trials' memory
+            continue
+        seen.add(key)
+        what = f"{spec.model.name} / {spec.dataset.name} (seed {spec.seed}, {spec.n_edits} test edits)"
+        t0 = time.time()
+        try:
+            data = _prepare_data(spec, _NoRun(), pick_device(spec.device), tracking_uri, experiment, extra_tags)
+        except Exception as e:  # the trials meet it again and record it in their runs
+            log.warning("preparing %s before the trials failed (%s: %s); each trial prepares it itself",
+                        what, type(e).__name__, e)
+            continue
+        del data
+        done.append(f"{what}: {time.time() - t0:.0f} s")
+    return done
+
+
 @dataclass
 class _Fitted:
     """The editor after its fit step (or loaded from a run trained the same way), and what that cost."""

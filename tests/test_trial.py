@@ -97,3 +97,31 @@ def test_cached_products_leave_the_random_state_as_the_seed_made_it(tmp_path, mo
         assert torch.initial_seed() == 5
         assert torch.equal(torch.rand(4), expected)
 
+
+def test_a_trial_gives_the_same_result_whether_its_data_step_ran_in_it_or_before_it(tmp_path, monkeypatch) -> None:
+    """The same Wikitext trial (MEND: random init, sampled training edits) three ways, each in its own store (so
+    none reuses another's editor): sampling its targets itself, finding them cached, and after the driver's shared
+    preparation (bench.trial.prepare_shared). Every metric but time and memory is the same (sampling the targets
+    used to reseed the trial's random state: a different editor when they were not cached yet)."""
+    from bench.trial import prepare_shared
+
+    sweep = Sweep(name="t", n_edits=2, seeds=[3], models=[{"name": "tiny-gpt2"}],
+                  datasets=[{"name": "wikitext", "n_train": 4, "n_val": 2,
+                             "generate": {"max_prompt_tokens": 16, "n_tokens": 3}}],
+                  methods=[{"name": "mend", "hparams": {"lr": 3e-3, "rank": 8},
+                            "budget": {"max_steps": 4, "val_every": 2, "val_edits": 2}}])
+    (point,) = plan(sweep)
+    results = []
+    for i, how in enumerate(("in the trial", "cached", "by the driver")):
+        uri = f"sqlite:///{tmp_path / f'runs{i}.db'}"
+        prepare_experiment(uri, "t")
+        if how != "cached":
+            cache = private_cache(monkeypatch, tmp_path / f"cache{i}")
+        if how == "by the driver":
+            (line,) = prepare_shared([point, point], uri, "t")  # the same data step twice: prepared once
+            assert line.startswith("tiny-gpt2 / wikitext") and len(list((cache / "generated").glob("*.json"))) == 3
+        results.append(run_trial(point, uri, "t"))
+    same = sorted(k for k in results[0] if not k.endswith("_time_s") and "mem" not in k)
+    assert results[0]["train_best_step"] > 0  # the training (its random draws) decides the editor
+    for r in results[1:]:
+        assert {k: r[k] for k in same} == {k: results[0][k] for k in same}
