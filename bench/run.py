@@ -306,9 +306,9 @@ def _run(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, stop: _S
 
     errors: list[str] = []
     try:
-        if todo and not args.address:  # trials on this machine share its cache: each data step once, here
-            _prepare_shared(todo, uri, experiment, sweep_id)
         if todo:
+            if not args.address:  # trials on this machine share its cache: each data step once, here
+                _prepare_shared(todo, uri, experiment, sweep_id)
             errors = _tune(args, sweep, todo, uri, experiment, sweep_id, stop)
     except KeyboardInterrupt:
         if stop.signum is None:  # an interrupt that came another way (a debugger, say)

@@ -185,7 +185,7 @@ def prepare_shared(cfgs: Sequence[TrialSpec | Mapping[str, Any]], tracking_uri: 
         what = f"{spec.model.name} / {spec.dataset.name} (seed {spec.seed}, {spec.n_edits} test edits)"
         t0 = time.time()
         try:
-            data = _prepare_data(spec, _NoRun(), pick_device(spec.device), tracking_uri, experiment, extra_tags)
+            data = _prepare_data(spec, _NoRun(), "cpu", tracking_uri, experiment, extra_tags)
         except Exception as e:  # the trials meet it again and record it in their runs
             log.warning("preparing %s before the trials failed (%s: %s); each trial prepares it itself",
                         what, type(e).__name__, e)
