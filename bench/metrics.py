@@ -59,10 +59,16 @@ def _trim_heap() -> None:
 
 
 #: glibc's ``mallopt`` parameters (malloc.h) and the values :func:`keep_freed_memory` gives them: serve requests up
-#: to 32 MiB (the most glibc accepts) from its heap instead of a fresh mmap each, and hand free memory at the heap's
-#: top back to the OS only above 2 GiB (the most an ``int`` holds) instead of 2x the largest freed block.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+#: to 32 MiB (the most glibc accepts) from its heap instead of a fresh mmap each, never serve one by mmap while the
+#: heap can grow (larger blocks: SmolLM2's 113 MB embedding gradient, ENN's at every step), and hand free memory at
+#: the heap's top back to the OS only above 2 GiB (the most an ``int`` holds) instead of 2x the largest freed block.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES = 32 * 2**20, 2**31 - 1
+
+#: Environment of a process whose work runs outside its main thread (a Tune trial runs in a ``RunnerThread`` of its
+#: Ray worker): with one malloc arena every thread allocates from the main heap, the one :func:`keep_freed_memory`
+#: keeps. glibc reads it at process start, so it is given to the Ray workers' environment (``bench.run``).
+ONE_ARENA_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
 def keep_freed_memory() -> bool:
@@ -74,15 +80,22 @@ def keep_freed_memory() -> bool:
     kernel (MEND 0.08 s of 1.1 s, KE 0.22 of 1.3 s); with this setting 0.4-0.7 s (ENN), 0.00 (MEND), 0.05 (KE).
     Training steps, each setting in its own process, alternated: ENN 6.7 / 6.4 s -> 4.9 / 5.0 s, MEND 2.6 / 3.7 /
     3.1 s -> 2.3 / 2.1 / 2.3 s, KE 2.0 / 2.1 s -> 1.8 / 1.9 s; FT's evaluation unchanged (PeakMemory trims the heap
-    before every edit). Values are bit-identical: only where memory comes from changes. Memory measurements keep
-    their meaning: :class:`PeakMemory` trims the heap before it resets the high-water mark. Applies to the whole
-    process, from the call on; returns False (and changes nothing) where the C library is not glibc.
+    before every edit). Blocks above 32 MiB come from the heap too (``M_MMAP_MAX`` 0; glibc still maps one when
+    the heap cannot grow): a fresh 113 MB ``torch.zeros`` took 66 ms mapped, 7.5 ms from the heap; ENN steps
+    2.38 -> 2.03 s, KE 0.80 -> 0.74 s, MEND unchanged (2026-12-06, one thread, alternated processes).
+
+    The settings only reach the main heap: a thread with an arena of its own (a Tune trial's ``RunnerThread``)
+    still maps and faults in every large block (ENN 3.4 s per step there; 2.1 s with :data:`ONE_ARENA_ENV` in the
+    process's environment at start, KE 0.87 -> 0.73 s). Values are bit-identical: only where memory comes from
+    changes. Memory measurements keep their meaning: :class:`PeakMemory` trims the heap before it resets the
+    high-water mark. Applies to the whole process, from the call on; returns False (and changes nothing) where the
+    C library is not glibc.
     """
     libc = _libc()
     if libc is None:
         return False
-    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    ok = (bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+          and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)) and bool(libc.mallopt(M_MMAP_MAX, 0)))
     if not ok:
         log.debug("mallopt refused the heap settings; glibc's defaults stay")
     return ok

@@ -72,49 +72,90 @@ def test_peak_memory_sees_an_allocation() -> None:
 
 
 _HEAP_PROBE = """
-import json, resource, sys
+import json, resource, sys, threading
 import torch
 from bench.metrics import PeakMemory, keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else False
-def churn():  # 160 MB in 4 MB blocks (under glibc's mmap threshold), touched, then freed
-    xs = [torch.ones(2**20) for _ in range(40)]
+out = {"kept": keep_freed_memory() if sys.argv[1] == "keep" else False}
+def churn(numel, n):  # n blocks of numel floats, touched, then freed
+    xs = [torch.ones(numel) for _ in range(n)]
     del xs
-churn(); churn()
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-churn()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-with PeakMemory("cpu") as mem:  # 64 MB in 8 MB blocks: heap memory that was freed before must count again
-    ys = [torch.ones(2 * 2**20) for _ in range(8)]
-del ys
-print(json.dumps({"kept": kept, "faults": faults, "peak_mb": mem.mb}))
+def faults(numel, n):  # page faults of the third of three identical rounds
+    churn(numel, n); churn(numel, n)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    churn(numel, n)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+def probe():
+    out["faults_small"] = faults(2**20, 40)  # 160 MB in 4 MB blocks (under glibc's mmap threshold)
+    out["faults_large"] = faults(16 * 2**20, 2)  # 128 MB in 64 MB blocks (over it, and over a thread heap's size)
+    with PeakMemory("cpu") as mem:  # 64 MB in 8 MB blocks: heap memory that was freed before must count again
+        ys = [torch.ones(2 * 2**20) for _ in range(8)]
+    del ys
+    out["peak_mb"] = mem.mb
+if sys.argv[2] == "thread":  # as a Tune trial runs: in a thread of its worker process
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+else:
+    probe()
+print(json.dumps(out))
 """
 
 
-def _heap_probe(mode: str) -> dict:
+def _heap_probe(mode: str, where: str = "main", env: dict[str, str] | None = None) -> dict:
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode, where], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent, env={**clean, **(env or {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_keep_freed_memory_reuses_the_heap_and_peak_memory_still_counts_it() -> None:
-    """Each probe runs in a fresh process (the setting is process-wide). Kept, the third round of 160 MB reuses
-    the memory the second freed: under a tenth of its 40960 pages fault in. (With glibc's defaults the freed
-    memory usually goes back to the OS and every page faults in again: 40929 faults in 6 of 7 probes here; the
-    seventh kept it by chance, so the default side is not asserted.) PeakMemory trims the heap at entry, so an
-    allocation inside it counts in full either way."""
+    """Each probe runs in a fresh process (the setting is process-wide). Kept, the third round of 160 MB in 4 MB
+    blocks and of 128 MB in 64 MB blocks reuses the memory the second freed: under a tenth of their 40960 and 32768
+    pages fault in (0 and 0 here). With glibc's defaults freed memory often goes back to the OS and faults in again
+    (40929 of the small round's pages in 6 of 7 probes on one host, 1024 on another; 16385 of the large round's),
+    but not always, so the default side is not asserted.
+    PeakMemory trims the heap at entry, so an allocation inside it counts in full either way."""
     from bench.metrics import _libc
 
     if _libc() is None:
         pytest.skip("not glibc: keep_freed_memory changes nothing here")
     default, kept = _heap_probe("default"), _heap_probe("keep")
     assert kept["kept"] is True and default["kept"] is False
-    assert kept["faults"] < 4096
+    assert kept["faults_small"] < 4096 and kept["faults_large"] < 3277
     assert default["peak_mb"] >= 56 and kept["peak_mb"] >= 56
+
+
+def test_a_trial_thread_reuses_freed_memory_only_with_the_workers_one_arena_env() -> None:
+    """A Tune trial runs in a thread of its Ray worker. Such a thread gets a malloc arena of its own, whose heaps
+    (64 MB at most) cannot hold a 64 MB block: glibc maps it and unmaps it at free, so every page faults in again
+    (32768 of 32768 here), whatever keep_freed_memory set. With the environment bench.run gives the Ray workers
+    (one arena), the thread allocates from the main heap and reuses it like the main thread."""
+    from bench.metrics import ONE_ARENA_ENV, _libc
+
+    if _libc() is None:
+        pytest.skip("not glibc: keep_freed_memory changes nothing here")
+    own_arena = _heap_probe("keep", "thread")
+    one_arena = _heap_probe("keep", "thread", ONE_ARENA_ENV)
+    assert own_arena["faults_large"] > 16384
+    assert one_arena["faults_large"] < 3277 and one_arena["faults_small"] < 4096
+    assert one_arena["peak_mb"] >= 56
+
+
+def test_the_trial_workers_get_one_arena_and_their_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.metrics import ONE_ARENA_ENV
+    from bench.run import trial_worker_env
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert trial_worker_env(1) == {"EDITBENCH_THREADS": "1", **ONE_ARENA_ENV}
+    assert trial_worker_env(0.5)["EDITBENCH_THREADS"] == "1" and trial_worker_env(2)["EDITBENCH_THREADS"] == "2"
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's own setting is passed on
+    assert trial_worker_env(1)["MALLOC_ARENA_MAX"] == "4"
 
 
 class _NoOp:
