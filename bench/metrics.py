@@ -185,10 +185,16 @@ def checkpoint_schedule(n: int, points: Sequence[int] | None = None) -> list[int
 
 
 @torch.no_grad()
-def _scores(model: EditableModel, batch: EditBatch, deltas: dict | None) -> tuple[torch.Tensor, ...]:
-    logits = model.logits(batch.inputs, deltas)
-    exact, tok = argmax_scores(logits, batch.labels)
-    return logits, exact, tok
+def exact_match(model: EditableModel, batch: EditBatch, deltas: dict | None = None) -> torch.Tensor:
+    """Per row of ``batch``, whether the teacher-forced argmax gives every target token (``argmax_scores``' exact
+    match). Causal models run their output head on the target positions only (``logits_at``), not on every
+    position of every row."""
+    if model.kind != "causal":
+        return argmax_scores(model.logits(batch.inputs, deltas), batch.labels)[0]
+    rows, cols = (batch.labels != -100).nonzero(as_tuple=True)
+    hit = model.logits_at(batch.inputs, rows, cols, deltas).argmax(-1) == batch.labels[rows, cols]
+    missed = torch.zeros(len(batch.labels), dtype=torch.long, device=hit.device).index_add_(0, rows, (~hit).long())
+    return missed == 0
 
 
 @torch.no_grad()
@@ -198,7 +204,9 @@ def base_correct(model: EditableModel, pairs: Sequence[tuple[str, str]], batch_s
 
     The verdicts are kept in the keyed cache (``bench.cache``, namespace ``verdicts``) under the model's name and
     weight digest and the pairs, so the trials of a sweep that choose locality prompts from the same pool run the
-    model over it once (1209 known_1000 prompts: ~60 s for SmolLM2-135M on 2 cores). ``digest``: the model's
+    model over it once. Pairs of similar length share a batch and the output head runs on the answer positions only
+    (:func:`exact_match`): the 1209 known_1000 prompts take 31 s for SmolLM2-135M at 2 threads, against 50 s in the
+    pool's order over every position, with the same 1209 verdicts (2026-12-06). ``digest``: the model's
     :func:`~bench.models.weights_digest` when the caller already has it (computed here otherwise)."""
     import json
 
@@ -206,11 +214,14 @@ def base_correct(model: EditableModel, pairs: Sequence[tuple[str, str]], batch_s
     from bench.models import weights_digest
 
     def compute() -> list[bool]:
-        out: list[bool] = []
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i : i + batch_size]
-            _, exact, _ = _scores(model, collate(model, [p for p, _ in chunk], [a for _, a in chunk]), None)
-            out.extend(bool(x) for x in exact.tolist())
+        # Batches of pairs of similar length pad less; the verdicts come back in the pairs' order.
+        order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i][0]) + len(pairs[i][1]), i))
+        out = [False] * len(pairs)
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            exact = exact_match(model, collate(model, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx]))
+            for i, x in zip(idx, exact.tolist()):
+                out[i] = bool(x)
         return out
 
     inputs = {"model": model.name, "weights": digest or weights_digest(model), "pairs": [list(p) for p in pairs]}

@@ -203,16 +203,62 @@ def test_base_model_verdicts_are_cached_by_weights_and_pairs(tmp_path, monkeypat
     pairs = [("The capital of France is", "Paris"), ("Two plus two is", "four")]
     first = base_correct(m, pairs)
     assert len(first) == 2 and all(isinstance(v, bool) for v in first)
-    real = bench.metrics._scores
-    monkeypatch.setattr(bench.metrics, "_scores", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    real = bench.metrics.exact_match
+    monkeypatch.setattr(bench.metrics, "exact_match", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     assert base_correct(m, pairs) == first  # from the cache: the model did not run
     calls = []
-    monkeypatch.setattr(bench.metrics, "_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(bench.metrics, "exact_match", lambda *a, **k: calls.append(1) or real(*a, **k))
     base_correct(m, pairs[:1])
     with torch.no_grad():
         next(m.model.parameters()).add_(1.0)
     base_correct(m, pairs)
     assert len(calls) == 2  # other pairs, other weights: computed again
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama", "tiny-t5"])
+def test_exact_match_equals_argmax_scores_over_full_logits(zsre, alias) -> None:
+    """exact_match runs a causal model's output head on the target positions only; its verdicts are those of
+    argmax_scores over every position's logits, with and without deltas (some rows right, some wrong)."""
+    from bench.data import collate
+    from bench.metrics import exact_match
+
+    m = tiny(alias)
+    recs = zsre["test"][:8]
+    prompts, answers = [r.prompt for r in recs], [r.target for r in recs]
+    with torch.no_grad():  # make half of the answers the model's own argmax: both verdicts occur
+        b = collate(m, prompts, answers)
+        greedy = m.logits(b.inputs).argmax(-1)
+    b.labels[:4] = torch.where(b.labels[:4] != -100, greedy[:4], b.labels[:4])
+    g = torch.Generator().manual_seed(0)
+    deltas = {n: 0.05 * torch.randn(w.shape, generator=g) for n, w in m.weights().items()}
+    for d in (None, deltas):
+        with torch.no_grad():
+            want = argmax_scores(m.logits(b.inputs, d), b.labels)[0]
+        got = exact_match(m, b, d)
+        assert got.tolist() == want.tolist()
+    assert exact_match(m, b).tolist()[:4] == [True] * 4 and not all(exact_match(m, b).tolist())
+
+
+def test_base_correct_keeps_the_pairs_order_when_it_batches_by_length(tmp_path, monkeypatch, zsre) -> None:
+    """Verdicts are computed in batches of pairs of similar length; each comes back at its pair's place (the same
+    as judging each pair alone)."""
+    from bench.data import collate
+    from bench.metrics import base_correct, exact_match
+    from tests.conftest import private_cache
+
+    private_cache(monkeypatch, tmp_path / "cache")
+    m = tiny("tiny-llama")
+    recs = zsre["test"][:12]
+    with torch.no_grad():  # pairs of varied length, the model right on some of them
+        pairs = []
+        for i, r in enumerate(recs):
+            prompt = r.prompt + " and so on" * (i % 4)
+            b = collate(m, [prompt], [r.target])
+            own = m.tokenizer.decode(m.logits(b.inputs)[0, b.labels[0] != -100].argmax(-1))
+            pairs.append((prompt, own if i % 3 == 0 and own.strip() else r.target))
+    alone = [bool(exact_match(m, collate(m, [p], [a]))[0]) for p, a in pairs]
+    assert base_correct(m, pairs, batch_size=5) == alone
+    assert any(alone)
 
 
 def _strip_cost(rows: list[dict]) -> list[dict]:
