@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -365,6 +365,44 @@ def weights_digest(model: "EditableModel") -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Inside the block, ``gguf.GGUFReader`` returns one reader per file and ``gguf.get_tensor_name_map`` one map per
+    (architecture, layer count), instead of new ones at every call.
+
+    transformers (5.x) builds a reader of the whole file for the config, again for the weights and again for the
+    tokenizer (each parses SmolLM2's 49152-token vocabulary: ~5 s), and a tensor-name map for each of the model's
+    397 modules (~16 ms each); both import them from ``gguf`` when called, so the memoised ones are what it gets.
+    The objects are the ones the first call made, and both are only read afterwards, so the conversion is the
+    same. Where ``gguf`` lacks either name the block changes nothing."""
+    import functools
+
+    import gguf
+
+    names = ("GGUFReader", "get_tensor_name_map")
+    if not all(hasattr(gguf, n) for n in names):
+        yield
+        return
+    saved = {n: getattr(gguf, n) for n in names}
+    readers: dict[str, Any] = {}
+
+    def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = str(Path(path).resolve()) if not args and not kwargs else None
+        if key is None:
+            return saved["GGUFReader"](path, *args, **kwargs)
+        if key not in readers:
+            readers[key] = saved["GGUFReader"](path)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved["get_tensor_name_map"])
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(gguf, n, f)
+
+
 def smollm2_dir() -> Path:
     """A local folder with SmolLM2-135M-Instruct as safetensors, converted once from the PyPI GGUF.
 
@@ -383,8 +421,9 @@ def smollm2_dir() -> Path:
 
     t0 = time.time()
     log.info("converting %s (GGUF Q4_1 -> fp32 safetensors) into %s, once", SMOLLM2_GGUF, target)
-    model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF)
+    with _gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF)
     # The dequantised weights are plain fp32: drop the GGUF quantizer so save_pretrained writes safetensors.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -100,3 +100,35 @@ def test_stacked_batches_give_each_batch_its_own_logits(alias: str, zsre) -> Non
     for got, ref, batch in ((got_a, la, a), (got_b, lb, b)):
         mask = batch.labels != -100
         assert torch.allclose(got[mask], ref[mask], atol=1e-4)
+
+
+def test_gguf_is_parsed_once_inside_the_conversion_block_and_gguf_is_restored_after(tmp_path) -> None:
+    """The SmolLM2 conversion lets transformers' three readers of the GGUF file share one parse and its 397
+    tensor-name maps one build; outside the block (and after an error in it) gguf is as it was."""
+    import gguf
+    import numpy as np
+
+    from bench.models import _gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    before = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    with _gguf_parsed_once():
+        r = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is r
+        assert r.tensors[0].name == "token_embd.weight" and r.tensors[0].data.sum() == 66
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is names
+        assert names.get_name("model.embed_tokens") == "token_embd"
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == before
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+    with pytest.raises(RuntimeError, match="inside"):
+        with _gguf_parsed_once():
+            raise RuntimeError("inside")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == before
