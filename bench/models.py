@@ -254,8 +254,11 @@ class EditableModel:
             self.applied.clear()
             self.applied.update(saved)
 
-    def logits(self, inputs: Mapping[str, Tensor], deltas: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Logits of the model on ``inputs`` with ``W + dW`` for every weight in ``deltas`` (and in ``applied``).
+    def logits(self, inputs: Mapping[str, Tensor], deltas: Mapping[str, Tensor] | None = None,
+               weights: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Logits of the model on ``inputs`` with ``W + dW`` for every weight in ``deltas`` (and in ``applied``),
+        where ``W`` is ``weights[name]`` for the parameters ``weights`` names (another set of base weights, such as
+        ENN's copy of the original ones) and the module's own parameter otherwise.
 
         Uses ``torch.func.functional_call``; the module's own parameters are not touched. Classifier logits
         are returned as (B, 1, C) so every kind is (B, T, V) and token labels align position by position.
@@ -263,9 +266,9 @@ class EditableModel:
         total = dict(self.applied)
         for n, d in (deltas or {}).items():
             total[n] = total[n] + d if n in total else d
-        if total:
-            named = dict(self.model.named_parameters())
-            params = {n: named[n] + d for n, d in total.items()}
+        if total or weights:
+            base = {**dict(self.model.named_parameters()), **(weights or {})} if total else {}
+            params = {**(weights or {}), **{n: base[n] + d for n, d in total.items()}}
             out = torch.func.functional_call(self.model, params, args=(), kwargs=dict(inputs), strict=False)
         else:
             out = self.model(**inputs)

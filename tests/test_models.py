@@ -78,6 +78,31 @@ def test_functional_deltas_equal_an_in_place_edit_of_a_copy(alias: str, zsre) ->
     assert weights_digest(m) == before, "functional application mutated the base model"
 
 
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama"])
+def test_other_base_weights_with_deltas_equal_a_copy_that_holds_them(alias: str, zsre) -> None:
+    """``weights`` replaces the named base parameters (ENN's original weights), deltas add on top of them; the
+    model's own parameters are untouched."""
+    m = tiny(alias)
+    before = weights_digest(m)
+    batch = edit_batch(m, zsre["test"][:3])
+    torch.manual_seed(2)
+    other = {n: w.detach() + 0.1 * torch.randn_like(w) for n, w in m.model.named_parameters()}
+    deltas = {n: 0.05 * torch.randn_like(w) for n, w in m.weights().items()}
+    clone = copy.deepcopy(m.model)
+    with torch.no_grad():
+        named = dict(clone.named_parameters())
+        for n, w in other.items():
+            named[n].copy_(w)
+        held = clone(**batch.inputs).logits
+        for n, d in deltas.items():
+            named[n].add_(d)
+        held_edited = clone(**batch.inputs).logits
+    assert torch.equal(m.logits(batch.inputs, weights=other), held)
+    assert torch.allclose(m.logits(batch.inputs, deltas, weights=other), held_edited, atol=1e-5)
+    assert not torch.allclose(held, m.logits(batch.inputs), atol=1e-3)
+    assert weights_digest(m) == before
+
+
 def test_bad_edit_param_is_refused() -> None:
     with pytest.raises(ModelSpecError, match="matches no parameter"):
         load_model("tiny-gpt2", edit_params=["nope.*"])
