@@ -59,6 +59,19 @@ def test_conv1d_and_linear_layouts_of_the_outer_product() -> None:
     assert torch.allclose(lm.outer(u, delta), sum(torch.outer(delta[i], u[i]) for i in range(5)), atol=1e-5)
 
 
+def _logits_of_a_copy(m, inputs, weights=None, deltas=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Logits of a deep copy of ``m``'s module whose parameters are set to ``weights``, then moved by ``deltas``,
+    in place."""
+    clone = copy.deepcopy(m.model)
+    with torch.no_grad():
+        named = dict(clone.named_parameters())
+        for n, w in (weights or {}).items():
+            named[n].copy_(w)
+        for n, d in (deltas or {}).items():
+            named[n].add_(d)
+        return clone(**inputs).logits
+
+
 @pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama", "tiny-t5", "tiny-bart"])
 def test_functional_deltas_equal_an_in_place_edit_of_a_copy(alias: str, zsre) -> None:
     m = tiny(alias)
@@ -67,12 +80,7 @@ def test_functional_deltas_equal_an_in_place_edit_of_a_copy(alias: str, zsre) ->
     torch.manual_seed(1)
     deltas = {n: 0.05 * torch.randn_like(w) for n, w in m.weights().items()}
     functional = m.logits(batch.inputs, deltas)
-    clone = copy.deepcopy(m.model)
-    with torch.no_grad():
-        named = dict(clone.named_parameters())
-        for n, d in deltas.items():
-            named[n].add_(d)
-        in_place = clone(**batch.inputs).logits
+    in_place = _logits_of_a_copy(m, batch.inputs, deltas=deltas)
     assert torch.allclose(functional, in_place, atol=1e-5)
     assert not torch.allclose(functional, m.logits(batch.inputs), atol=1e-3)
     assert weights_digest(m) == before, "functional application mutated the base model"
@@ -88,15 +96,8 @@ def test_other_base_weights_with_deltas_equal_a_copy_that_holds_them(alias: str,
     torch.manual_seed(2)
     other = {n: w.detach() + 0.1 * torch.randn_like(w) for n, w in m.model.named_parameters()}
     deltas = {n: 0.05 * torch.randn_like(w) for n, w in m.weights().items()}
-    clone = copy.deepcopy(m.model)
-    with torch.no_grad():
-        named = dict(clone.named_parameters())
-        for n, w in other.items():
-            named[n].copy_(w)
-        held = clone(**batch.inputs).logits
-        for n, d in deltas.items():
-            named[n].add_(d)
-        held_edited = clone(**batch.inputs).logits
+    held = _logits_of_a_copy(m, batch.inputs, weights=other)
+    held_edited = _logits_of_a_copy(m, batch.inputs, weights=other, deltas=deltas)
     assert torch.equal(m.logits(batch.inputs, weights=other), held)
     assert torch.allclose(m.logits(batch.inputs, deltas, weights=other), held_edited, atol=1e-5)
     assert not torch.allclose(held, m.logits(batch.inputs), atol=1e-3)
