@@ -349,9 +349,10 @@ def _prepare_shared(todo: list[dict[str, Any]], uri: str, experiment: str, sweep
 
 def trial_worker_env(cpus_per_trial: float) -> dict[str, str]:
     """Environment variables of the Ray workers that run the trials: ``EDITBENCH_THREADS`` (each trial's torch
-    threads: its CPUs, the sweep's ``resources.cpu``, at least 1) and :data:`bench.metrics.ONE_ARENA_ENV` (a trial runs in a thread of its
-    worker; with one malloc arena it reuses freed memory as :func:`bench.metrics.keep_freed_memory` intends: ENN's
-    training steps 3.4 -> 2.1 s on SmolLM2). A value the driver's environment already sets is passed on instead."""
+    threads: its CPUs, the sweep's ``resources.cpu``, at least 1) and :data:`bench.metrics.ONE_ARENA_ENV` (a trial
+    runs in a thread of its worker; with one malloc arena it reuses freed memory as
+    :func:`bench.metrics.keep_freed_memory` intends: ENN's training steps 3.4 -> 2.1 s on SmolLM2). A value the
+    driver's environment already sets is passed on instead."""
     from bench.metrics import ONE_ARENA_ENV
 
     return {"EDITBENCH_THREADS": str(max(1, int(cpus_per_trial))),
