@@ -77,48 +77,57 @@ def prepare_base(model_name: str, task: TaskData, seed: int, settings: dict[str,
         info = json.loads(meta_file.read_text())
         log.info("prepared base model %s reused (val accuracy %.3f)", folder.name, info["val_accuracy"])
         return Prepared(folder, key, info, trained=False)
+    labels = list(task.card.labels)
     # The caller's random state ends the same whether this trains (head init, batches) or the cache serves it.
     with rng_kept():
-        labels = list(task.card.labels)
-        model = load_model(model_name, num_labels=len(labels), device=device)
-        net = model.model
-        for p in net.parameters():
-            p.requires_grad_(True)
-        net.train()
-        opt = torch.optim.AdamW(net.parameters(), lr=lr)
-        rng = random.Random(seed)
-        train = list(task["train"])
-        t0 = time.time()
-        torch.manual_seed(seed)
-        for step in range(steps):
-            chunk = rng.sample(train, min(bs, len(train)))
-            b = collate(model, [r.prompt for r in chunk], [_gold(r, labels) for r in chunk])
-            loss = torch.nn.functional.cross_entropy(model.logits(b.inputs)[:, 0], b.labels[:, 0])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if (step + 1) % 50 == 0:
-                log.info("prepare %s: step %d/%d loss %.3f", model_name, step + 1, steps, loss.item())
-        net.eval()
-        for p in net.parameters():
-            p.requires_grad_(False)
-        acc = accuracy(model, list(task["val"]), labels)
-        info = {"model": model_name, "task": task.card.name, "seed": seed, "steps": steps, "lr": lr, "batch_size": bs,
-                "val_accuracy": acc, "n_val": len(task["val"]), "train_seconds": time.time() - t0, "labels": labels}
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        net.config.id2label = dict(enumerate(labels))
-        net.config.label2id = {n: i for i, n in enumerate(labels)}
-        net.save_pretrained(tmp)
-        model.tokenizer.save_pretrained(tmp)
-        (tmp / "prepared.json").write_text(json.dumps(info, indent=2))
-        if folder.exists():
-            import shutil
+        model, seconds = _train_classifier(model_name, task, labels, seed, steps, lr, bs, device)
+    acc = accuracy(model, list(task["val"]), labels)
+    info = {"model": model_name, "task": task.card.name, "seed": seed, "steps": steps, "lr": lr, "batch_size": bs,
+            "val_accuracy": acc, "n_val": len(task["val"]), "train_seconds": seconds, "labels": labels}
+    net = model.model
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    net.config.id2label = dict(enumerate(labels))
+    net.config.label2id = {n: i for i, n in enumerate(labels)}
+    net.save_pretrained(tmp)
+    model.tokenizer.save_pretrained(tmp)
+    (tmp / "prepared.json").write_text(json.dumps(info, indent=2))
+    if folder.exists():
+        import shutil
 
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.replace(folder)
-        log.info("prepared base model %s: val accuracy %.3f in %.0fs", folder.name, acc, info["train_seconds"])
-        return Prepared(folder, key, info, trained=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(folder)
+    log.info("prepared base model %s: val accuracy %.3f in %.0fs", folder.name, acc, info["train_seconds"])
+    return Prepared(folder, key, info, trained=True)
+
+
+def _train_classifier(model_name: str, task: TaskData, labels: list[str], seed: int, steps: int, lr: float, bs: int,
+                      device: str | None) -> tuple[Any, float]:
+    """``model_name`` with a fresh ``len(labels)``-way head, fine-tuned for ``steps`` AdamW steps on batches of the
+    train split's gold labels (seeded by ``seed``), frozen and in eval mode; and the seconds its training took."""
+    model = load_model(model_name, num_labels=len(labels), device=device)
+    net = model.model
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    rng = random.Random(seed)
+    train = list(task["train"])
+    t0 = time.time()
+    torch.manual_seed(seed)
+    for step in range(steps):
+        chunk = rng.sample(train, min(bs, len(train)))
+        b = collate(model, [r.prompt for r in chunk], [_gold(r, labels) for r in chunk])
+        loss = torch.nn.functional.cross_entropy(model.logits(b.inputs)[:, 0], b.labels[:, 0])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0:
+            log.info("prepare %s: step %d/%d loss %.3f", model_name, step + 1, steps, loss.item())
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return model, time.time() - t0
 
 
 def generation_targets(model: Any, records: list, seed: int, n_tokens: int = 10, max_prompt_tokens: int = 200,
