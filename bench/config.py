@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from bench.cli import ECHO_LIMIT, clip, cut
-from bench.data import DataError, file_sha256, load_card, load_task, resolve_file, split_overlaps
+from bench.data import (DataError, dataset_root, file_sha256, hub_file, load_card, load_task, resolve_file,
+                        split_overlaps)
 from bench.models import ModelSpecError, model_kind_hint, resolve_model_source
 from methods import REGISTRY, Budget
 
@@ -137,8 +138,10 @@ class DatasetEntry(_Strict):
     paths: dict[str, str] = Field(default_factory=dict, description="split -> file replacing the card's")
     prepare: dict[str, float] | None = Field(default=None, description="override the card's base-model preparation")
     generate: GenerateEntry | None = Field(default=None, description="override the card's target generation")
-    source: Literal["local", "public"] = Field(
-        default="local", description="local: files under the data root; public: the card's public URLs (internet)")
+    source: Literal["embedded", "local", "hub"] | None = Field(
+        default=None, description="embedded: the files shipped in datasets/data/; local: files under data_root or "
+        "$EDITBENCH_DATA; hub: the card's Hub dataset (by id and pinned revision; cached by datasets, offline "
+        "from that cache); default: the data-root order (data_root, $EDITBENCH_DATA, the embedded files)")
 
 
 class TrialSpec(_Strict):
@@ -361,13 +364,12 @@ def digest(obj: Any, n: int = 6) -> str:
 def dataset_files(ds: DatasetEntry, data_root: str | None) -> dict[str, tuple[str, Path]]:
     """Every local file a dataset entry can read, as key -> (path relative to the data root it is read from, the
     resolved file): the card's split files or the sweep's ``paths`` replacing them (key = split), the rephrase file
-    and the chosen locality file. Card files this entry never reads and cannot find are left out; nothing for
-    ``source: public``."""
+    and the chosen locality file (for ``source: hub`` only ``paths`` and the locality file: the rest comes from the
+    Hub). Card files this entry never reads and cannot find are left out."""
     card = load_card(ds.name)
-    if ds.source == "public":
-        return {}
-    rel = {**card.files, **ds.paths}
-    if card.rephrase_file:
+    data_root = dataset_root(ds.source, data_root)
+    rel = dict(ds.paths) if ds.source == "hub" else {**card.files, **ds.paths}
+    if card.rephrase_file and ds.source != "hub":
         rel["rephrase"] = card.rephrase_file
     loc = card.locality.get(ds.locality or card.default_locality)
     if loc is not None and loc.file:
@@ -383,13 +385,17 @@ def dataset_files(ds: DatasetEntry, data_root: str | None) -> dict[str, tuple[st
 
 
 def data_files(ds: DatasetEntry, data_root: str | None) -> dict[str, str]:
-    """Content digests (sha256) of every file a dataset entry can read (:func:`dataset_files`); the public URLs
-    for ``source: public``. Part of a trial's configuration digest, so the same point on other data is another
-    point."""
-    if ds.source == "public":
+    """Content digests of every file a dataset entry can read: the sha256 of each local file
+    (:func:`dataset_files`) and, for ``source: hub``, each Hub split's id, revision and ``datasets`` fingerprint
+    (loading it: validation does that anyway). Part of a trial's configuration digest, so the same point on other
+    data is another point; where a file lies (embedded or a data root) is not."""
+    out = {k: file_sha256(p) for k, (_, p) in dataset_files(ds, data_root).items()}
+    if ds.source == "hub":
         card = load_card(ds.name)
-        return {k: f"url:{u}" for k, u in sorted(((card.source or {}).get("files") or {}).items())}
-    return {k: file_sha256(p) for k, (_, p) in dataset_files(ds, data_root).items()}
+        for key in (card.hub.files if card.hub else {}):
+            if key not in ds.paths:
+                out[key] = hub_file(card, key).digest()
+    return dict(sorted(out.items()))
 
 
 def ship_data(sweep: Sweep, todo: list[dict[str, Any]]) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
@@ -411,7 +417,9 @@ def ship_data(sweep: Sweep, todo: list[dict[str, Any]]) -> tuple[dict[str, bytes
     for t in todo:  # files editors read besides the task's (ROME/MEMIT's covariance corpus)
         for rel in REGISTRY[t["method"]].data_files(t["hparams"]):
             files[rel] = resolve_file(rel, sweep.data_root)
-    out = [{**t, "dataset": {**t["dataset"], "paths": mounted[json.dumps(t["dataset"], sort_keys=True)]},
+    # On the worker the bundle is the data root: embedded and local files are read from it (source: local).
+    out = [{**t, "dataset": {**t["dataset"], "paths": mounted[json.dumps(t["dataset"], sort_keys=True)],
+                             "source": "hub" if t["dataset"].get("source") == "hub" else "local"},
             "data_root": None, "shipped_data": True} for t in todo]
     return pack_files(files), out
 
@@ -463,6 +471,9 @@ def config_digest(point: dict[str, Any], hparams: dict[str, Any]) -> str:
     ``reuse_converged`` counts (when on): its trials may evaluate an editor trained longer than their budget."""
     ds = dict(point["dataset"])
     ds["paths"] = sorted(ds.get("paths") or {})  # which splits are replaced; their contents are in data_files
+    # Where local files lie (embedded, a data root) is not the result's business: their contents are in
+    # data_files. "local" is what every local source digested as before sources were named.
+    ds["source"] = "hub" if ds.get("source") == "hub" else "local"
     blob = {"method": point["method"], "label": point["method_label"], "hparams": hparams,
             "budget": point["budget"], "model": point["model"], "dataset": ds,
             "data_files": point["data_files"], "seed": point["seed"],
@@ -607,18 +618,17 @@ def validate(sweep: Sweep, source: str = "sweep") -> list[dict[str, Any]]:
             card = load_card(ds.name)
             if ds.generate is not None and card.kind != "generation":
                 raise DataError(f"generate is only for generation datasets; {ds.name} is {card.kind}")
-            if ds.source == "public":
-                urls = (card.source or {}).get("files") or {}
-                if not urls:
-                    raise DataError(f"datasets/{ds.name}.yaml has no public source.files; use source: local")
-                continue  # downloaded by the trial on a machine with internet
+            if ds.source == "hub" and card.hub is None:
+                raise DataError(f"source: hub, but datasets/{ds.name}.yaml names no Hub dataset; "
+                                f"use source: embedded or local")
+            root = dataset_root(ds.source, sweep.data_root)
             loc = ds.locality or card.default_locality
             if loc not in card.locality:
                 raise DataError(f"locality {loc!r} unknown for {ds.name}; valid: {', '.join(card.locality)}")
             if card.locality[loc].file:
-                resolve_file(card.locality[loc].file, sweep.data_root)
-            for seed in sweep.seeds:
-                task = load_task(ds.name, sweep.data_root, seed=seed,
+                resolve_file(card.locality[loc].file, root)
+            for seed in sweep.seeds:  # a Hub split is loaded here: from the cache offline, else a one-line error
+                task = load_task(ds.name, sweep.data_root, seed=seed, source=ds.source,
                                  sizes={"train": ds.n_train, "val": ds.n_val}, paths=ds.paths)
                 for split, file, other, other_file, n in split_overlaps(task, ds.paths):
                     raise DataError(f"paths.{split} ({file}) shares {n} record(s) with the {other} split "

@@ -40,8 +40,8 @@ def prepare_key(model: str, task: TaskData, seed: int, settings: dict[str, Any])
     """Cache key of a prepared base model (changes with any of its inputs)."""
     files = []
     for split in ("train", "val"):  # by content: the same data shipped to another folder or node is the same key
-        p = Path(task.files[split])
-        files.append([p.name, file_sha256(p), len(task.splits[split])])
+        ref = task.refs[split]
+        files.append([ref.path.name if ref.path is not None else ref.where, ref.digest(), len(task.splits[split])])
     blob = json.dumps({"model": model, "task": task.card.name, "files": files, "seed": seed, **settings},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

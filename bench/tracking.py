@@ -15,7 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +283,22 @@ class TrialRun:
             self.client.log_artifacts(self.run_id, str(p), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def log_dataset_inputs(self, inputs: Sequence[tuple[str, str, Any, str, Mapping[str, Any]]]) -> None:
+        """Log each ``(name, context, datasets.Dataset, digest, load_dataset call)`` as an MLflow dataset input
+        (``mlflow.data.from_huggingface``; the context is the split it served), so the UI's Dataset column and
+        filter show what the run was measured on. The digest is the data's own (a file's sha256, a Hub split's
+        fingerprint), cut to the 36 characters MLflow keeps."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        items = []
+        for name, context, ds, digest, call in inputs:
+            d = mlflow.data.from_huggingface(ds, path=call["path"], data_files=call.get("data_files"),
+                                             revision=call.get("revision"), name=name, digest=digest[:36])
+            items.append(DatasetInput(d._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+        if items:
+            self.client.log_inputs(self.run_id, datasets=items)
 
     def log_table(self, rows: list[dict[str, Any]], name: str = "per_edit.parquet") -> None:
         """Write rows as a parquet artifact (polars)."""

@@ -25,7 +25,7 @@ import torch
 from bench import tracking
 from bench.cache import cache_root
 from bench.config import TrialSpec
-from bench.data import apply_locality, fetch_public, file_sha256, load_card, load_task
+from bench.data import apply_locality, load_task
 from bench.metrics import PeakMemory, base_correct, evaluate, keep_freed_memory
 from bench.schema import REQUIRED, STYLES
 from bench.models import load_model
@@ -102,13 +102,8 @@ def _prepare_data(spec: TrialSpec, run: Any, device: str, tracking_uri: str, exp
     """Load the task's splits and the model (a prepared base model first where the card asks: FEVER), generate
     targets (Wikitext), choose locality prompts; log what was read."""
     ds, seed = spec.dataset, spec.seed
-    public = None
-    if ds.source == "public":  # the card's public files, fetched once into the cache
-        card = load_card(ds.name)
-        public = {k: str(fetch_public(card, k)) for k in card.source["files"]}
-    task = load_task(ds.name, spec.data_root, seed=seed,
-                     sizes={"train": ds.n_train, "val": ds.n_val, "test": spec.n_edits},
-                     paths=ds.paths, file_overrides=public)
+    task = load_task(ds.name, spec.data_root, seed=seed, source=ds.source,
+                     sizes={"train": ds.n_train, "val": ds.n_val, "test": spec.n_edits}, paths=ds.paths)
     model_path, prep_key = spec.model.name, None
     if task.card.prepare:  # the task needs a base model trained for it first (FEVER's classifier)
         prep = prepare_base(spec.model.name, task, seed, ds.prepare, device)
@@ -132,16 +127,18 @@ def _prepare_data(spec: TrialSpec, run: Any, device: str, tracking_uri: str, exp
         for split in ("train", "val", "test"):
             task.splits[split] = generation_targets(
                 model, task.splits[split], seed,
-                cache_tag=f"{file_sha256(Path(task.files[split]))[:16]}:{split}", **gen)
+                cache_tag=f"{task.refs[split].digest()[:16]}:{split}", **gen)
     run.log_params({"model_params": model.meta["n_params"]})
     # One hash of the loaded weights serves the verdict cache, the before-digest and ROME/MEMIT's statistics key.
     digest = weights_digest(model)
     model.meta["weights_sha256"] = digest
-    loc_counts = apply_locality(task, ds.locality or task.card.default_locality, spec.data_root, seed,
+    loc_counts = apply_locality(task, ds.locality or task.card.default_locality, task.root, seed,
                                 correct=lambda pairs: base_correct(model, pairs, digest=digest))
-    root = spec.data_root
+    root = task.root or spec.data_root
     run.log_params({f"data.{s}_file": os.path.relpath(f, root) if root and f.startswith(str(root)) else f
                     for s, f in task.files.items()})
+    run.log_dataset_inputs([(f"{ds.name}/{s}", s, ref.dataset(), ref.digest().rsplit(":", 1)[-1], ref.load_call())
+                            for s, ref in task.refs.items()])
     run.log_params({f"data.sha256.{k}": v for k, v in spec.data_files.items()})
     run.log_params({f"data.n_{s}": len(v) for s, v in task.splits.items()})
     return _Prepared(task, model, prep_key, loc_counts, digest)
@@ -154,6 +151,9 @@ class _NoRun:
         """Nothing is logged."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Nothing is logged."""
+
+    def log_dataset_inputs(self, inputs: Sequence[Any]) -> None:
         """Nothing is logged."""
 
 

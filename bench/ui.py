@@ -5,7 +5,9 @@ python -m bench.ui [--tracking-uri URI] [--host 127.0.0.1] [--port 5000]
 ```
 
 Light settings: one worker and no job runner (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``). Binds to loopback
-unless ``--host`` says otherwise, prints the URL, and stops the server cleanly on Ctrl-C (or SIGTERM).
+unless ``--host`` says otherwise, prints the URL and, for each experiment with runs, the address of its runs table
+(``#/experiments/<id>/runs``: MLflow 3's UI would otherwise open an experiment on its GenAI overview, traces: 0),
+and stops the server cleanly on Ctrl-C (or SIGTERM).
 """
 
 from __future__ import annotations
@@ -62,6 +64,19 @@ def port_free(host: str, port: int) -> str | None:
     return None
 
 
+def runs_views(uri: str, base_url: str) -> list[tuple[str, str]]:
+    """(experiment name, the URL of its runs table) for every active experiment of the store that holds runs,
+    the most recently created first."""
+    from bench.tracking import client
+
+    c = client(uri)
+    out = []
+    for exp in sorted(c.search_experiments(), key=lambda e: -(e.creation_time or 0)):
+        if c.search_runs([exp.experiment_id], max_results=1):
+            out.append((exp.name, f"{base_url.rstrip('/')}/#/experiments/{exp.experiment_id}/runs"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench import cli
     from bench.tracking import TrackingError, check_tracking_uri, default_tracking_uri, ping
@@ -100,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if wait_until_up(url, proc=proc):
             print(f"MLflow UI for {uri}: {url}  (Ctrl-C to stop)", flush=True)
+            for name, view in runs_views(uri, url):
+                print(f"  runs of {name}: {view}", flush=True)
         else:
             code = proc.poll()
             why = f"exited with code {code}" if code is not None else "did not answer within 90 s"

@@ -16,9 +16,10 @@ import pytest
 import torch
 import yaml
 
+from bench.data import EMBEDDED_ROOT
 from tests.conftest import REPO
 
-DATA = Path(os.environ.get("EDITBENCH_DATA", REPO.parent / "shared" / "data"))
+DATA = EMBEDDED_ROOT
 BASE = {
     "name": "bad",
     "n_edits": 2,

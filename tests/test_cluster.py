@@ -106,7 +106,7 @@ def cluster(tmp_path: Path) -> Iterator[dict]:
 
 @pytest.mark.slow
 def test_sweep_on_a_two_node_cluster_with_an_mlflow_server(cluster: dict, tmp_path: Path) -> None:
-    work = tmp_path / "elsewhere" / "work"  # no ../shared beside it: the driver ships the data
+    work = tmp_path / "elsewhere" / "work"  # run outside the clone: the driver ships the data to the workers
     work.mkdir(parents=True)
     f = work / "cluster.yaml"
     f.write_text(yaml.safe_dump(SWEEP))

@@ -124,6 +124,8 @@ def test_ui_serves_the_store_on_loopback_and_stops(store) -> None:
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert f"http://127.0.0.1:{port}/" in out and "stopping" in out
+    exp_id = client(uri).get_experiment_by_name("rep").experiment_id
+    assert f"runs of rep: http://127.0.0.1:{port}/#/experiments/{exp_id}/runs" in out  # the runs table, not GenAI
 
 
 def test_edit_cli_changes_the_output(store, capsys) -> None:

@@ -19,6 +19,7 @@ import yaml
 from bench.config import Sweep, load_sweep, plan, trials, validate
 from bench.tracking import CONFIG_DIGEST_TAG, END_REASON_TAG, prepare_experiment, runs_frame
 from bench.trial import run_trial
+from bench.data import EMBEDDED_ROOT
 from tests.conftest import REPO, reap
 
 # Four FT trials on tiny models: a few seconds each, long enough to be caught in the middle.
@@ -203,8 +204,7 @@ def test_config_digest_covers_what_decides_a_result(tmp_path: Path) -> None:
 
     d0 = digest()
     assert digest(name="other", description="x", tracking_uri="sqlite:///x.db") == d0  # not part of a result
-    rows = json.loads((Path(os.environ.get("EDITBENCH_DATA", REPO.parent / "shared" / "data"))
-                       / "zsre" / "zsre_mend_800.json").read_text())
+    rows = json.loads((EMBEDDED_ROOT / "zsre" / "zsre_mend_800.json").read_text())
     mine = tmp_path / "t.json"
     mine.write_text(json.dumps(rows[-50:]))
     changed = [digest(n_edits=3), digest(seeds=[1]), digest(edit_batch_size=[2]),

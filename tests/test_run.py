@@ -15,6 +15,7 @@ from bench.config import load_sweep, plan, trials, validate
 from bench.run import main
 from bench.trial import REQUIRED_METRICS
 from methods import REGISTRY
+from bench.data import EMBEDDED_ROOT
 from tests.conftest import REPO
 
 BASE = {
@@ -39,8 +40,7 @@ def _patch(**kw: object) -> dict:
 
 
 def _bad_data(tmp_path: Path, drop: str | None = None, empty: bool = False) -> str:
-    rows = json.loads((Path(os.environ.get("EDITBENCH_DATA", REPO.parent / "shared" / "data"))
-                       / "zsre" / "zsre_mend_800.json").read_text())[:4]
+    rows = json.loads((EMBEDDED_ROOT / "zsre" / "zsre_mend_800.json").read_text())[:4]
     if drop:
         del rows[1][drop]
     f = tmp_path / "recs.json"

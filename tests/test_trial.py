@@ -3,10 +3,14 @@ leaving one FINISHED MLflow run with its metrics, per-edit table and (learned ed
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 from tests.conftest import private_cache
 
 from bench.config import Sweep, plan
+from bench.data import EMBEDDED_ROOT
 from bench.tracking import client, prepare_experiment, runs_frame
 from bench.trial import REQUIRED_METRICS, run_trial
 
@@ -35,6 +39,13 @@ def test_trial_end_to_end(method: str, model: str, tmp_path) -> None:
     for key in REQUIRED_METRICS:
         assert key in df.columns, key
         assert df[key][0] == pytest.approx(metrics[key])
+    # MLflow knows the data: one dataset input per split, named and digested by the file's own sha256.
+    inputs = client(uri).get_run(df["run_id"][0]).inputs.dataset_inputs
+    got = {(i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"], i.dataset.digest)
+           for i in inputs}
+    sha = hashlib.sha256((EMBEDDED_ROOT / "zsre" / "zsre_mend_800.json").read_bytes()).hexdigest()[:36]
+    assert got == {(f"zsre/{s}", s, sha) for s in ("train", "val", "test")}
+    assert all(json.loads(i.dataset.source)["path"] == "json" for i in inputs)
     arts = {a.path for a in client(uri).list_artifacts(df["run_id"][0])}
     learned = method in ("mend", "enn", "ke")
     assert arts == ({"per_edit.parquet", "editor"} if learned else {"per_edit.parquet"})

@@ -2,8 +2,9 @@
 
 - :mod:`bench.data.records`: ``EditRecord``, ``DataError``, split names and task kinds;
 - :mod:`bench.data.cards`: dataset cards (``datasets/<name>.yaml``), validated with pydantic like sweep files;
-- :mod:`bench.data.files`: the data root (the sweep's ``data_root``, else ``$EDITBENCH_DATA``, else
-  ``../shared/data``), file lookup and hashing, atomic writes, packing for cluster workers, public downloads;
+- :mod:`bench.data.files`: the data root (the sweep's ``data_root``, else ``$EDITBENCH_DATA``, else the files
+  embedded in ``datasets/data/``), file lookup and hashing, atomic writes, packing for cluster workers;
+- :mod:`bench.data.sources`: embedded / local / Hub sources, every file read through Hugging Face ``datasets``;
 - :mod:`bench.data.readers`: data file -> edit records through a card's field mapping;
 - :mod:`bench.data.splits`: seeded train/val/test splits, overlap checks, locality prompt sources;
 - :mod:`bench.data.batches`: tokenised ``EditBatch`` es, all that editors (``methods/``) need.
@@ -22,6 +23,9 @@ from bench.data.batches import (
 )
 from bench.data.cards import (
                                 CARDS_DIR,
+                                EMBEDDED_ROOT,
+                                HubFile,
+                                HubSource,
                                 REPO_ROOT,
                                 DatasetCard,
                                 LocalitySource,
@@ -30,7 +34,6 @@ from bench.data.cards import (
 )
 from bench.data.files import (
                                 data_root_candidates,
-                                fetch_public,
                                 file_sha256,
                                 pack_files,
                                 read_text,
@@ -46,6 +49,7 @@ from bench.data.readers import (
                                 read_wikitext,
 )
 from bench.data.records import SPLITS, DataError, EditRecord, TaskKind
+from bench.data.sources import SOURCES, DataRef, HubRef, dataset_root, hub_file, load_hub, local_ref
 from bench.data.splits import (
                                 TaskData,
                                 apply_locality,
@@ -56,9 +60,10 @@ from bench.data.splits import (
 )
 
 __all__ = [
-    "CARDS_DIR", "READERS", "REPO_ROOT", "SPLITS", "DataError", "DatasetCard", "EditBatch", "EditRecord",
+    "CARDS_DIR", "EMBEDDED_ROOT", "SOURCES", "DataRef", "HubFile", "HubRef", "HubSource", "dataset_root",
+    "hub_file", "load_hub", "local_ref", "READERS", "REPO_ROOT", "SPLITS", "DataError", "DatasetCard", "EditBatch", "EditRecord",
     "LocalitySource", "TaskData", "TaskKind", "apply_locality", "available_cards", "check_records", "collate",
-    "data_root_candidates", "edit_batch", "equiv_batch", "fetch_public", "file_sha256", "load_card", "load_task",
+    "data_root_candidates", "edit_batch", "equiv_batch", "file_sha256", "load_card", "load_task",
     "loc_batch", "locality_pool", "pack_files", "read_fever", "read_mapped_json", "read_text", "read_wikitext",
     "resolve_file", "spaced", "split_overlaps", "stack_batches", "unpack_files", "with_locality", "write_atomic",
 ]

@@ -23,6 +23,8 @@ from bench.data.records import SPLITS, DataError, TaskKind
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 CARDS_DIR = REPO_ROOT / "datasets"
+#: The real data subsets shipped in the repository (``datasets/data/<name>/``, each with its source and licence).
+EMBEDDED_ROOT = CARDS_DIR / "data"
 
 
 class _Card(BaseModel):
@@ -45,6 +47,35 @@ class LocalitySource(_Card):
     max_prompts: PositiveInt = 2000
 
 
+class HubFile(_Card):
+    """One file of a dataset on the Hugging Face Hub, named as lm-evaluation-harness task configs name them:
+    ``dataset_name`` (the config), ``data_files`` (a file inside the repository, for repositories of raw files)
+    and ``split``; the repository and revision are the card's ``hub.dataset_path`` / ``hub.revision``."""
+
+    dataset_name: str | None = None
+    data_files: str | None = None
+    split: str = "train"
+
+
+class HubSource(_Card):
+    """Where the full public data lives on the Hub: ``dataset_path`` (the repository id), a pinned ``revision``
+    (a commit, or a ref such as ``refs/convert/parquet``) and, per card file key (all/train/val/test/rephrase),
+    the :class:`HubFile` that takes its place. Files the block does not name (locality sources) come from the
+    data root as with ``source: local``."""
+
+    dataset_path: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+    revision: str = Field(min_length=1)
+    files: dict[str, HubFile]
+    note: str = ""
+
+    @field_validator("files")
+    @classmethod
+    def _keys(cls, v: dict[str, HubFile]) -> dict[str, HubFile]:
+        if not v or not set(v) <= {"all", "rephrase", *SPLITS}:
+            raise ValueError(f"must map some of all/train/val/test/rephrase to Hub files, got {sorted(v)}")
+        return v
+
+
 class DatasetCard(_Card):
     """A parsed and validated ``datasets/<name>.yaml`` (unknown keys are errors, as in sweep files)."""
 
@@ -62,7 +93,7 @@ class DatasetCard(_Card):
     rephrase_file: str | None = None
     prepare: dict[str, Any] = Field(default_factory=dict)
     generate: dict[str, Any] = Field(default_factory=dict)
-    source: dict[str, Any] = Field(default_factory=dict)
+    hub: HubSource | None = Field(default=None, description="the full public data on the Hugging Face Hub")
     licence: str = ""
     citation: str = ""
 

@@ -1,4 +1,4 @@
-"""Data files: the data root, lookup, hashing, atomic writes, packing for cluster workers, public downloads."""
+"""Data files: the data root, lookup, hashing, atomic writes, packing for cluster workers."""
 
 from __future__ import annotations
 
@@ -9,43 +9,19 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-from bench.data.cards import REPO_ROOT, DatasetCard
+from bench.data.cards import EMBEDDED_ROOT
 from bench.data.records import DataError
 
 
-def fetch_public(card: DatasetCard, split_key: str) -> Path:
-    """Download the card's public file for ``split_key`` (``source.files``) into the cache once; needs internet.
-
-    Used for ``datasets[].source: public`` in a sweep; raises :class:`DataError` naming the URL on failure.
-    """
-    import urllib.request
-
-    from bench.cache import cache_root
-
-    urls = (card.source or {}).get("files") or {}
-    if split_key not in urls:
-        raise DataError(f"datasets/{card.name}.yaml: source.files has no {split_key!r} URL (has: {', '.join(urls)})")
-    url = urls[split_key]
-    dest = cache_root() / "data" / card.name / Path(url).name
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            urllib.request.urlretrieve(url, dest.with_suffix(dest.suffix + ".part"))
-        except OSError as e:
-            raise DataError(f"could not download {url} for dataset {card.name}: {e}") from None
-        dest.with_suffix(dest.suffix + ".part").replace(dest)
-    return dest
-
-
 def data_root_candidates(data_root: str | os.PathLike | None = None) -> list[Path]:
-    """Places searched for the data root, in order: the sweep's value, $EDITBENCH_DATA, ../shared/data."""
+    """Places searched for a data file, in order: the sweep's ``data_root`` alone when it is set; else
+    ``$EDITBENCH_DATA`` (when set), then the files embedded in the repository (``datasets/data/``)."""
     if data_root:
         return [Path(data_root).expanduser()]
     out = []
     if os.environ.get("EDITBENCH_DATA"):
         out.append(Path(os.environ["EDITBENCH_DATA"]).expanduser())
-    out += [Path.cwd().parent / "shared" / "data", REPO_ROOT.parent / "shared" / "data"]
-    return out
+    return [*out, EMBEDDED_ROOT]
 
 
 def resolve_file(rel: str, data_root: str | os.PathLike | None = None) -> Path:

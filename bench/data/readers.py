@@ -3,43 +3,35 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from bench.data.cards import DatasetCard
+from bench.data.records import DataError, EditRecord
+from bench.data.sources import DataRef
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:
-    from bench.data.cards import DatasetCard
 
-from bench.data.files import read_text, resolve_file
-from bench.data.records import DataError, EditRecord
-
-
-def _load_json_rows(path: Path) -> list[dict]:
-    text = read_text(path)
-    try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
-    return rows
+def _json_rows(ref: DataRef) -> list[dict]:
+    """The records of a JSON / JSON-lines file or Hub split, read through ``datasets``."""
+    if ref.is_text:
+        raise DataError(f"{ref.where}: expected a .json or .jsonl file of records")
+    return ref.rows()
 
 
-def _get(row: dict, key: str, path: Path, idx: int, required: bool = True) -> Any:
+def _get(row: dict, key: str, where: Any, idx: int, required: bool = True) -> Any:
+    """``row[key]``; a missing (or null) required field is a :class:`DataError` naming the file and record."""
     if key in row and row[key] is not None:
         return row[key]
     if required:
-        raise DataError(f"{path}: record {idx} is missing field {key!r} (has: {', '.join(sorted(row))})")
+        has = ", ".join(sorted(k for k, v in row.items() if v is not None))
+        raise DataError(f"{where}: record {idx} is missing field {key!r} (has: {has})")
     return None
 
 
-def read_mapped_json(path: Path, card: DatasetCard, data_root: str | os.PathLike | None = None) -> list[EditRecord]:
+def read_mapped_json(ref: DataRef, card: DatasetCard, extra: Mapping[str, DataRef] | None = None
+                     ) -> list[EditRecord]:
     """Reader for JSON / JSON-lines files whose fields map one-to-one onto EditRecord (zsRE MEND format,
     flattened CounterFact). ``card.fields`` maps record attributes to source keys; ``id`` may be absent."""
     f = card.fields
@@ -48,7 +40,8 @@ def read_mapped_json(path: Path, card: DatasetCard, data_root: str | os.PathLike
         if r not in f:
             raise DataError(f"datasets/{card.name}.yaml: fields.{r} is required by reader {card.reader!r}")
     out = []
-    for i, row in enumerate(_load_json_rows(path)):
+    path = ref.where
+    for i, row in enumerate(_json_rows(ref)):
         if not isinstance(row, dict):
             raise DataError(f"{path}: record {i} is not an object")
         reph = _get(row, f["rephrase"], path, i) if "rephrase" in f else None
@@ -78,24 +71,29 @@ def _seeded_bit(key: str, seed: int) -> int:
     return int(hashlib.sha256(f"{seed}:{key}".encode()).digest()[0] & 1)
 
 
-def read_fever(path: Path, card: DatasetCard, data_root: str | os.PathLike | None = None) -> list[EditRecord]:
+def read_fever(ref: DataRef, card: DatasetCard, extra: Mapping[str, DataRef] | None = None) -> list[EditRecord]:
     """FEVER claims (JSON lines) as classification edits, following the MEND paper.
 
     NOT ENOUGH INFO is dropped; ``card.labels`` names the classes in id order. The edit label y_e is a seeded
     Bernoulli(0.5) draw per claim (``card.label_seed``); the gold label is the true answer. The equivalence input
     is a label-preserving FEVER 2.0 rewrite of the claim (``card.rephrase_file`` rows with ``transformation ==
     "label_preserving"`` and ``original_id`` equal to the claim's id) where one exists, else none (x_e stands
-    in). Locality: the next claim of the file (cyclic) with its gold label.
+    in). Locality: the next claim of the file (cyclic) with its gold label. A claim id seen again (the Hub's
+    FEVER rows repeat a claim once per evidence sentence) keeps its first row.
     """
     labels = list(card.labels)
-    rows = [r for r in _load_json_rows(path) if r.get("label") in labels]
+    path = ref.where
+    rows, seen = [], set()
+    for r in _json_rows(ref):
+        if r.get("label") in labels and r.get("id") not in seen:
+            seen.add(r.get("id"))
+            rows.append(r)
     for i, r in enumerate(rows):
         for key in ("id", "claim", "label"):
             _get(r, key, path, i)
     rephr: dict[int, list[str]] = {}
-    if card.rephrase_file:
-        rp = resolve_file(card.rephrase_file, data_root)
-        for r in _load_json_rows(rp):
+    if (extra or {}).get("rephrase") is not None:
+        for r in _json_rows(extra["rephrase"]):  # type: ignore[index]
             if r.get("transformation") == "label_preserving" and r.get("original_id") is not None:
                 rephr.setdefault(int(r["original_id"]), []).append(str(r["claim"]))
     out = []
@@ -112,7 +110,7 @@ def read_fever(path: Path, card: DatasetCard, data_root: str | os.PathLike | Non
     return out
 
 
-def read_wikitext(path: Path, card: DatasetCard, data_root: str | os.PathLike | None = None) -> list[EditRecord]:
+def read_wikitext(ref: DataRef, card: DatasetCard, extra: Mapping[str, DataRef] | None = None) -> list[EditRecord]:
     """WikiText paragraphs as generation edits (MEND's Wikitext task).
 
     Paragraphs are non-heading lines of at least ``card.fields['min_words']`` (default 50) words, ASCII only.
@@ -124,7 +122,7 @@ def read_wikitext(path: Path, card: DatasetCard, data_root: str | os.PathLike | 
     min_words = int(card.fields.get("min_words", 50))
     loc_words = int(card.fields.get("loc_words", 100))
     paras = []
-    for line in read_text(path).splitlines():
+    for line in ref.lines():
         t = line.strip()
         if not t or t.startswith("=") or not t.isascii() or len(t.split()) < min_words:
             continue
@@ -137,6 +135,7 @@ def read_wikitext(path: Path, card: DatasetCard, data_root: str | os.PathLike | 
     return out
 
 
+#: reader name -> reader(file, card, extra files by card key (``rephrase``)) -> records
 READERS: dict[str, Callable[..., list[EditRecord]]] = {
     "mapped_json": read_mapped_json,
     "fever": read_fever,

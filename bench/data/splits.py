@@ -12,17 +12,25 @@ log = logging.getLogger(__name__)
 
 from bench.data.cards import DatasetCard, load_card
 from bench.data.files import resolve_file
-from bench.data.readers import READERS, _get, _load_json_rows, check_records
+from bench.data.readers import READERS, _get, _json_rows, check_records
 from bench.data.records import SPLITS, DataError, EditRecord
+from bench.data.sources import DataRef, dataset_root, hub_file, local_ref
 
 
 @dataclass
 class TaskData:
-    """Train/val/test records of one dataset, plus the card they came from and the files read."""
+    """Train/val/test records of one dataset, plus the card they came from and the file each split was read
+    from (``refs``; ``files`` holds where each is, a path or ``hub:...``)."""
 
     card: DatasetCard
     splits: dict[str, list[EditRecord]]
-    files: dict[str, str]
+    refs: dict[str, DataRef]
+    root: str | None = None  #: the data root its local files (and locality sources) are read under
+
+    @property
+    def files(self) -> dict[str, str]:
+        """Split -> where its records were read (a path, or ``hub:`` and the Hub split)."""
+        return {s: r.where for s, r in self.refs.items()}
 
     def __getitem__(self, split: str) -> list[EditRecord]:
         return self.splits[split]
@@ -35,46 +43,63 @@ def load_task(
     sizes: dict[str, int | None] | None = None,
     paths: dict[str, str] | None = None,
     fractions: dict[str, float] | None = None,
-    file_overrides: dict[str, str] | None = None,
+    source: str | None = None,
 ) -> TaskData:
-    """Read a dataset through its card and split it deterministically.
+    """Read a dataset through its card (every file through Hugging Face ``datasets``) and split it
+    deterministically.
 
-    A split with its own file (card ``files.<split>`` or ``paths[split]``) reads that file whole; the other splits
-    are carved, by a permutation seeded with ``seed``, from ``files.all`` (or, without it, from the train file)
-    in the card's fractions. ``sizes[split]`` then keeps the first N of a split. An empty split is an error.
-    ``file_overrides`` replaces entries of the card's ``files`` (and, under ``rephrase``, its rephrase file), e.g.
-    with downloaded public copies.
+    ``source`` picks where the card's files come from (:mod:`bench.data.sources`): ``embedded``, ``local``
+    (under ``data_root`` / ``$EDITBENCH_DATA``), ``hub`` (the card's ``hub`` block), or ``None`` for the data-root
+    order. A split with its own file (the card's ``files.<split>`` or ``hub.files.<split>``, or ``paths[split]``)
+    reads that file whole; the other splits are carved, by a permutation seeded with ``seed``, from the ``all``
+    file (or, without one, from the train file) in the card's fractions. ``sizes[split]`` then keeps the first N
+    of a split. An empty split is an error.
     """
     card = load_card(name)
-    if file_overrides:  # e.g. downloaded public copies; "rephrase" replaces the card's rephrase file
-        extra = {k: v for k, v in file_overrides.items() if k != "rephrase"}
-        card = card.model_copy(update={"files": {**card.files, **extra},
-                                       "rephrase_file": file_overrides.get("rephrase", card.rephrase_file)})
     reader = READERS[card.reader]
+    root = dataset_root(source, data_root)
     paths = dict(paths or {})
     for k in paths:
         if k not in SPLITS:
             raise DataError(f"datasets.{name}.paths: key {k!r} is not a split; valid: {', '.join(SPLITS)}")
+    if source == "hub":
+        if card.hub is None:
+            raise DataError(f"datasets/{name}.yaml has no hub block; use source: embedded or local")
+        keys = set(card.hub.files)
+
+        def ref(key: str) -> DataRef:
+            return hub_file(card, key)
+    else:
+        keys = set(card.files) | ({"rephrase"} if card.rephrase_file else set())
+
+        def ref(key: str) -> DataRef:
+            rel = card.rephrase_file if key == "rephrase" else card.files[key]
+            return local_ref(resolve_file(rel or "", root))
+
+    extra = {"rephrase": ref("rephrase")} if "rephrase" in keys else {}
+
+    def read(r: DataRef) -> list[EditRecord]:
+        return check_records(reader(r, card, extra), r.where)
+
     fractions = {**card.fractions, **(fractions or {})}
-    own = {s: paths.get(s) or card.files.get(s) for s in SPLITS if paths.get(s) or card.files.get(s)}
+    own: dict[str, DataRef] = {}
+    for s in SPLITS:
+        if paths.get(s):
+            own[s] = local_ref(resolve_file(paths[s], root))
+        elif s in keys:
+            own[s] = ref(s)
     carved = [s for s in SPLITS if s not in own]
-    read: dict[str, list[EditRecord]] = {}
-    files: dict[str, str] = {}
-    for s, rel in own.items():
-        p = resolve_file(rel, data_root)
-        read[s] = check_records(reader(p, card, data_root), str(p))
-        files[s] = str(p)
+    records: dict[str, list[EditRecord]] = {s: read(r) for s, r in own.items()}
+    refs: dict[str, DataRef] = dict(own)
     if carved:
-        pool_key = "all" if "all" in card.files else "train"
-        if pool_key == "train" and "train" in own:
+        if "all" not in keys and "train" in own:
             carved = ["train", *carved]
-            pool = read.pop("train")
-            pool_file = files["train"]
+            pool, pool_ref = records.pop("train"), own["train"]
         else:
-            if pool_key not in card.files:
+            if "all" not in keys and "train" not in keys:
                 raise DataError(f"datasets/{name}.yaml: no file for splits {carved} and no files.all to carve them from")
-            p = resolve_file(card.files[pool_key], data_root)
-            pool, pool_file = check_records(reader(p, card, data_root), str(p)), str(p)
+            pool_ref = ref("all" if "all" in keys else "train")
+            pool = read(pool_ref)
         order = list(range(len(pool)))
         random.Random(seed).shuffle(order)
         total = sum(fractions.get(s, 0.0) for s in carved)
@@ -83,17 +108,17 @@ def load_task(
         start = 0
         for j, s in enumerate(carved):
             n = len(pool) - start if j == len(carved) - 1 else int(round(len(pool) * fractions.get(s, 0.0) / total))
-            read[s] = [pool[i] for i in order[start : start + n]]
-            files[s] = pool_file
+            records[s] = [pool[i] for i in order[start : start + n]]
+            refs[s] = pool_ref
             start += n
     sizes = sizes or {}
     for s in SPLITS:
         n = sizes.get(s)
         if n is not None:
-            read[s] = read[s][:n]
-        if not read[s]:
-            raise DataError(f"dataset {name!r}: split {s!r} is empty (file {files.get(s)}); check its size/fraction")
-    return TaskData(card=card, splits={s: read[s] for s in SPLITS}, files=files)
+            records[s] = records[s][:n]
+        if not records[s]:
+            raise DataError(f"dataset {name!r}: split {s!r} is empty (file {refs[s].where}); check its size/fraction")
+    return TaskData(card=card, splits={s: records[s] for s in SPLITS}, refs=refs, root=root)
 
 
 def split_overlaps(task: TaskData, own: Sequence[str]) -> list[tuple[str, str, str, str, int]]:
@@ -123,7 +148,7 @@ def locality_pool(card: DatasetCard, source: str, data_root: str | os.PathLike |
     if src.source == "record":
         return []
     p = resolve_file(src.file or "", data_root)
-    rows = _load_json_rows(p)
+    rows = _json_rows(local_ref(p))
     out = []
     for i, row in enumerate(rows[: src.max_prompts]):
         out.append((str(_get(row, src.prompt_field, p, i)), str(_get(row, src.answer_field, p, i))))
