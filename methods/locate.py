@@ -86,14 +86,14 @@ def require_causal(model: EditableModel, method: str) -> None:
 # ------------------------------------------------------------------------------------------- prompts
 
 
-def context_templates(model: EditableModel, hp: LocateHparams, starts: Sequence[str]) -> list[str]:
-    """``"{}"`` plus, for each (length, count), ``count`` texts sampled (top-5, seeded by ``template_seed``) from
-    the UNEDITED model after each start text (``hp.context_starts`` when set), ``length`` tokens in all, each
-    followed by ``". {}"``."""
+def context_templates(model: EditableModel, hp: LocateHparams, starts: Sequence[str]) -> list[list[str]]:
+    """The context templates in the authors' groups: ``[["{}"], then for each (length, count) one group of
+    ``count`` texts sampled (top-5, seeded by ``template_seed``) from the UNEDITED model after each start text
+    (``hp.context_starts`` when set), ``length`` tokens in all, each followed by ``". {}"``]``."""
     starts = hp.context_starts or starts
     tok = model.tokenizer
     gen = torch.Generator().manual_seed(hp.template_seed)
-    out = ["{}"]
+    out = [["{}"]]
     for length, count in hp.context_lengths:
         per = [s for s in starts for _ in range(max(1, count // len(starts)))][:count]
         ids = [tok(s, add_special_tokens=False)["input_ids"] for s in per]
@@ -116,10 +116,19 @@ def context_templates(model: EditableModel, hp: LocateHparams, starts: Sequence[
                                 s.append(tok.pad_token_id)
                         seqs[r][lens[r]] = t
                         lens[r] += 1
+        group = []
         for s, n in zip(seqs, lens):
             text = tok.decode(s[:n], skip_special_tokens=True).replace("{", " ").replace("}", " ")
-            out.append(text.strip() + ". {}")
+            group.append(text.strip() + ". {}")
+        out.append(group)
     return out
+
+
+def group_weights(groups: Sequence[Sequence[str]]) -> list[float]:
+    """One weight per template of ``groups`` (flattened in order) that averages within each group, then across
+    groups: MEMIT's ``compute_ks`` (kmeng01/memit), where the bare prompt ``["{}"]`` weighs 1/2 beside one group
+    of five prefixes (each 1/10)."""
+    return [1.0 / (len(groups) * len(g)) for g in groups for _ in g]
 
 
 def default_starts(model: EditableModel) -> list[str]:
@@ -162,15 +171,22 @@ def lookup_index(model: EditableModel, template: str, record: EditRecord) -> int
 
 
 def keys_at(model: EditableModel, module: str, records: Sequence[EditRecord], templates: Sequence[str],
-            deltas: dict[str, Tensor] | None = None) -> Tensor:
-    """(n_records, d_in): the input of ``module`` at the subject's last token, averaged over ``templates``
-    (ROME's k* / MEMIT's compute_ks), in the model as edited by ``applied`` (+ ``deltas``)."""
+            deltas: dict[str, Tensor] | None = None, weights: Sequence[float] | None = None) -> Tensor:
+    """(n_records, d_in): the input of ``module`` at the subject's last token, averaged over ``templates`` with
+    ``weights`` (one per template, summing to 1; ``None``: a flat mean, ROME's k*; MEMIT's compute_ks passes
+    :func:`group_weights`), in the model as edited by ``applied`` (+ ``deltas``)."""
     prompts = [t.format(r.prompt) for r in records for t in templates]
     idx = [lookup_index(model, t, r) for r in records for t in templates]
     enc = _encode(model, prompts)
     k = model.capture(enc, [module], deltas)[module].input
     rows = k[torch.arange(len(prompts), device=k.device), torch.tensor(idx, device=k.device)]
-    return rows.reshape(len(records), len(templates), -1).mean(1)
+    rows = rows.reshape(len(records), len(templates), -1)
+    if weights is None:
+        return rows.mean(1)
+    if len(weights) != len(templates):
+        raise ValueError(f"keys_at: {len(weights)} weights for {len(templates)} templates")
+    w = torch.tensor(list(weights), dtype=rows.dtype, device=rows.device)
+    return (rows * w[None, :, None]).sum(1)
 
 
 def io_at(model: EditableModel, module: str, records: Sequence[EditRecord],
@@ -366,7 +382,7 @@ class LocateEditor(Editor):
     def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
                  data_root: str | None = None) -> None:
         super().__init__(model, hparams, data_root)
-        self._templates: list[str] | None = None
+        self._groups: list[list[str]] | None = None
         self._moments: dict[str, Tensor] = {}
 
     def uses_moment(self) -> bool:
@@ -388,11 +404,21 @@ class LocateEditor(Editor):
         """Texts the prefixes are sampled after (ROME: the BOS-like token; MEMIT overrides)."""
         return default_starts(self.model)
 
+    def template_groups(self) -> list[list[str]]:
+        """The context templates in their groups (``[["{}"], [sampled prefixes], ...]``), computed at the first
+        edit (or fit) and kept."""
+        if self._groups is None:
+            self._groups = context_templates(self.model, self.hparams, self.starts())
+        return self._groups
+
     def templates(self) -> list[str]:
-        """The context templates ("{}" plus sampled prefixes), computed at the first edit and kept."""
-        if self._templates is None:
-            self._templates = context_templates(self.model, self.hparams, self.starts())
-        return self._templates
+        """The context templates ("{}" plus sampled prefixes), flattened: the prompts values are optimised on."""
+        return [t for g in self.template_groups() for t in g]
+
+    def key_weights(self) -> list[float] | None:
+        """How the editor averages a key over :meth:`templates`: ``None`` is a flat mean (ROME's authors);
+        MEMIT overrides with its authors' group average."""
+        return None
 
     def moment(self, module: str) -> Tensor:
         """C = E[k k^T] of ``module``'s input (:func:`second_moment`), loaded once per editor."""

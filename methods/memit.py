@@ -31,14 +31,40 @@ from torch import Tensor
 from bench.data.batches import EditBatch
 from bench.models import EditableModel
 from methods.base import Edit, Hparams
-from methods.locate import (LocateEditor, LocateHparams, as_weight, default_layer, io_at, keys_at, optimise_value,
-                            require_causal)
+from methods.locate import (LocateEditor, LocateHparams, as_weight, default_layer, group_weights, io_at, keys_at,
+                            optimise_value, require_causal)
 
 log = logging.getLogger(__name__)
 
-#: The paper's band and lambda (kmeng01/memit hparams/MEMIT/*.json).
-DEFAULT_BAND: dict[str, tuple[list[int], float]] = {"gpt2-xl": ([13, 14, 15, 16, 17], 20000.0),
-                                                     "EleutherAI/gpt-j-6B": ([3, 4, 5, 6, 7, 8], 15000.0)}
+#: The authors' settings for the paper's models, field by field from kmeng01/memit (commit 80426fd)
+#: ``hparams/MEMIT/gpt2-xl.json`` and ``hparams/MEMIT/EleutherAI_gpt-j-6B.json``; a field a sweep sets wins.
+#: Same in both files and so the class defaults: ``fact_token: subject_last`` (keys and values at the subject's
+#: last token), ``mom2_adjustment: true``. Departures: ``v_loss_layer`` (47 / 27, the last block) is where this
+#: suite reads the prediction too (the model's output); ``mom2_dataset: wikipedia, mom2_n_samples: 100000`` is
+#: replaced offline by ``mom2_corpus`` / ``mom2_n_tokens``; ``mom2_dtype: float32`` by float64 here.
+PAPER_HPARAMS: dict[str, dict[str, Any]] = {
+    "gpt2-xl": {
+        "layers": [13, 14, 15, 16, 17],  # "layers"
+        "clamp_norm_factor": 0.75,       # "clamp_norm_factor"
+        "v_num_grad_steps": 20,          # "v_num_grad_steps"
+        "v_lr": 0.5,                     # "v_lr": 5e-1
+        "v_weight_decay": 0.5,           # "v_weight_decay"
+        "kl_factor": 0.0625,             # "kl_factor"
+        "mom2_update_weight": 20000.0,   # "mom2_update_weight"
+    },
+    "EleutherAI/gpt-j-6B": {
+        "layers": [3, 4, 5, 6, 7, 8],
+        "clamp_norm_factor": 0.75,
+        "v_num_grad_steps": 25,
+        "v_lr": 0.5,
+        "v_weight_decay": 0.5,
+        "kl_factor": 0.0625,
+        "mom2_update_weight": 15000.0,
+    },
+}
+#: The paper's band and lambda per model (from :data:`PAPER_HPARAMS`).
+DEFAULT_BAND: dict[str, tuple[list[int], float]] = {
+    name: (hp["layers"], hp["mom2_update_weight"]) for name, hp in PAPER_HPARAMS.items()}
 
 
 def default_layers(model: EditableModel) -> list[int]:
@@ -51,12 +77,20 @@ def default_layers(model: EditableModel) -> list[int]:
 
 class MEMITHparams(LocateHparams):
     """kmeng01/memit hparams/MEMIT/EleutherAI_gpt-j-6B.json: 25 value steps at lr 0.5, clamp 0.75, weight decay
-    0.5, KL 0.0625, prefixes: five of 10 tokens after "The", "Therefore", "Because", "I", "You"."""
+    0.5, KL 0.0625, prefixes: five of 10 tokens after "The", "Therefore", "Because", "I", "You" (memit_main.py
+    get_context_templates). GPT-2 XL takes its own file's values (:data:`PAPER_HPARAMS`: 20 value steps)."""
 
     v_num_grad_steps: int = Field(default=25, gt=0)
     clamp_norm_factor: float = Field(default=0.75, gt=0)
     context_lengths: list[conlist(PositiveInt, min_length=2, max_length=2)] = Field(default=[[10, 5]])
     mom2_update_weight: float | None = Field(default=None, gt=0, description="lambda; None: the model's default")
+
+
+def paper_hparams(model_name: str, hp: MEMITHparams) -> MEMITHparams:
+    """``hp`` with the authors' values for ``model_name`` (:data:`PAPER_HPARAMS`) in every field the sweep left
+    unset; unchanged for other models."""
+    paper = {k: v for k, v in PAPER_HPARAMS.get(model_name, {}).items() if k not in hp.model_fields_set}
+    return hp.model_copy(update=paper) if paper else hp
 
 
 class MEMIT(LocateEditor):
@@ -68,15 +102,13 @@ class MEMIT(LocateEditor):
 
     def __init__(self, model: EditableModel, hparams: Hparams | Mapping[str, Any] | None = None,
                  data_root: str | None = None) -> None:
-        super().__init__(model, hparams, data_root)
+        hp = hparams if isinstance(hparams, MEMITHparams) else MEMITHparams(**dict(hparams or {}))
+        super().__init__(model, paper_hparams(model.name, hp), data_root)
         self.layers = sorted(self.hparams.layers or default_layers(model))
         lam = self.hparams.mom2_update_weight
-        if lam is None:
-            if model.name in DEFAULT_BAND:
-                lam = DEFAULT_BAND[model.name][1]
-            else:
-                d_in = self.model.io_dims(f"{model.mlp_out(self.layers[0])}.weight")[0]
-                lam = 15000.0 * d_in / 16384
+        if lam is None:  # not a paper model: GPT-J's lambda scaled by the key dimension
+            d_in = self.model.io_dims(f"{model.mlp_out(self.layers[0])}.weight")[0]
+            lam = 15000.0 * d_in / 16384
         self.lam = float(lam)
 
     @classmethod
@@ -87,6 +119,11 @@ class MEMIT(LocateEditor):
 
     def starts(self) -> list[str]:
         return ["The", "Therefore", "Because", "I", "You"]  # kmeng01/memit get_context_templates
+
+    def key_weights(self) -> list[float]:
+        """kmeng01/memit ``compute_ks`` averages a fact's keys within each template group, then across groups:
+        the bare prompt weighs 1/2 and each of the five default prefixes 1/10 (ROME's code averages flat)."""
+        return group_weights(self.template_groups())
 
     def edit(self, batch: EditBatch) -> Edit:
         if not batch.records:
@@ -100,7 +137,7 @@ class MEMIT(LocateEditor):
             module = m.mlp_out(layer)
             name = f"{module}.weight"
             with m.applying(deltas):  # the updates of the layers below are in place
-                ks = keys_at(m, module, recs, self.templates()).T.double()  # (d_in, n)
+                ks = keys_at(m, module, recs, self.templates(), weights=self.key_weights()).T.double()  # (d_in, n)
                 cur = io_at(m, z_module, recs)[1].T.double()  # (d, n)
             resid = (zs.double() - cur) / (len(self.layers) - i)
             adj = torch.linalg.solve(self.lam * self.moment(module).double() + ks @ ks.T, ks)  # (d_in, n)

@@ -81,7 +81,7 @@ class ROME(LocateEditor):
 
     def left_vector(self, module: str, record: Any) -> Tensor:
         """u = C^-1 k* / ||C^-1 k*|| (k* alone without ``mom2_adjustment``), on the model as currently edited."""
-        k = keys_at(self.model, module, [record], self.templates())[0]
+        k = keys_at(self.model, module, [record], self.templates(), weights=self.key_weights())[0]
         u = k.double()
         if self.hparams.mom2_adjustment:
             u = torch.linalg.solve(self.moment(module), u)

@@ -13,8 +13,8 @@ from conftest import private_cache, tiny
 from bench.config import Sweep, SweepError, validate
 from bench.data import DataError, edit_batch, load_task
 from methods.base import weights_digest
-from methods.locate import io_at, optimise_value, second_moment
-from methods.memit import MEMIT
+from methods.locate import group_weights, io_at, keys_at, optimise_value, second_moment
+from methods.memit import MEMIT, MEMITHparams, paper_hparams
 from methods.rome import ROME
 
 SMALL = {"mom2_n_tokens": 4000, "v_num_grad_steps": 6, "context_lengths": [[6, 2]]}
@@ -104,7 +104,7 @@ def test_fit_step_prepares_what_edits_read_and_trains_nothing(cf, monkeypatch) -
     monkeypatch.setattr(methods.locate, "context_templates", no_statistics)
     assert set(ed.edit(edit_batch(m, [cf["test"][0]])).deltas) == set(ed.model.edit_params)
     no_moment = ROME(m, {**SMALL, "mom2_adjustment": False})
-    no_moment._templates = ["{}"]
+    no_moment._groups = [["{}"]]
     no_moment.fit([], [])  # without the adjustment no statistic is read
     assert not no_moment._moments
 
@@ -210,3 +210,61 @@ def test_a_rome_run_edits_interactively_with_its_subject(tmp_path, capsys) -> No
     assert edit_main([*args, "--subject", "Paris", "--then", "Paris is in=Spain"]) == 0
     out = capsys.readouterr().out
     assert "after edit 2 ('Paris is in' -> 'Spain')" in out
+
+
+def test_memit_averages_keys_within_template_groups_then_across_them_and_rome_averages_flat(cf) -> None:
+    """kmeng01/memit compute_ks: a fact's key is the mean over groups of the mean within each group, so with
+    groups [["{}"], [p1, p2]] the bare prompt weighs 1/2 and each prefix 1/4; ROME's k* is the flat mean (1/3
+    each). The keys per template are taken here by hand: one prompt at a time through a forward hook on the
+    module, read at the subject's last token."""
+    m = tiny("tiny-llama")
+    rec = cf["test"][0]
+    groups = [["{}"], ["Alpha beta. {}", "Gamma delta epsilon. {}"]]
+    module = m.mlp_out(1)
+    tok, mod = m.tokenizer, dict(m.model.named_modules())[module]
+    end = rec.prompt.find(rec.subject) + len(rec.subject)
+    by_hand = []
+    for t in [t for g in groups for t in g]:
+        ids = tok(t.format(rec.prompt), add_special_tokens=False)["input_ids"]
+        last = len(tok(t.split("{}")[0] + rec.prompt[:end], add_special_tokens=False)["input_ids"]) - 1
+        seen = {}
+
+        def keep(_m, inp, _o, seen=seen):  # noqa: ANN001, ANN202 (returns None: the output stays as it was)
+            seen["k"] = inp[0].detach()
+
+        h = mod.register_forward_hook(keep)
+        try:
+            with torch.no_grad():
+                m.model(input_ids=torch.tensor([ids]))
+        finally:
+            h.remove()
+        by_hand.append(seen["k"][0, last])
+    memit = MEMIT(m, {**SMALL, "layers": [1]})
+    memit._groups = groups
+    rome = ROME(m, {**SMALL, "layers": 1})
+    rome._groups = groups
+    flat = [t for g in groups for t in g]
+    k_memit = keys_at(m, module, [rec], flat, weights=memit.key_weights())[0]
+    k_rome = keys_at(m, module, [rec], flat, weights=rome.key_weights())[0]
+    assert memit.key_weights() == [0.5, 0.25, 0.25] and rome.key_weights() is None
+    assert torch.allclose(k_memit, 0.5 * by_hand[0] + 0.25 * by_hand[1] + 0.25 * by_hand[2], atol=1e-5)
+    assert torch.allclose(k_rome, (by_hand[0] + by_hand[1] + by_hand[2]) / 3, atol=1e-5)
+    assert (k_memit - k_rome).norm() > 1e-3 * k_rome.norm()  # the two weightings differ on this case
+    # The authors' default: the bare prompt, then one group of five prefixes (1/10 each).
+    assert group_weights([["{}"], ["a{}"] * 5]) == [0.5] + [0.1] * 5
+
+
+def test_memit_takes_the_authors_settings_for_the_paper_models_unless_the_sweep_sets_them() -> None:
+    """kmeng01/memit hparams/MEMIT/gpt2-xl.json takes 20 value steps and lambda 20000 on blocks 13-17;
+    EleutherAI_gpt-j-6B.json 25 steps and 15000 on 3-8; a value the sweep gives wins; other models keep the
+    class defaults (the GPT-J file's values, lambda scaled to the key size)."""
+    for name, steps, lam, layers in (("gpt2-xl", 20, 20000.0, [13, 14, 15, 16, 17]),
+                                     ("EleutherAI/gpt-j-6B", 25, 15000.0, [3, 4, 5, 6, 7, 8])):
+        hp = paper_hparams(name, MEMITHparams())
+        assert (hp.v_num_grad_steps, hp.mom2_update_weight, hp.layers) == (steps, lam, layers)
+        assert (hp.clamp_norm_factor, hp.v_lr, hp.v_weight_decay, hp.kl_factor) == (0.75, 0.5, 0.5, 0.0625)
+        mine = paper_hparams(name, MEMITHparams(v_num_grad_steps=7, mom2_update_weight=3.0))
+        assert (mine.v_num_grad_steps, mine.mom2_update_weight, mine.layers) == (7, 3.0, layers)
+    assert paper_hparams("tiny-llama", MEMITHparams()) == MEMITHparams()
+    ed = MEMIT(tiny("tiny-llama"), {"layers": [1]})
+    assert ed.hparams.v_num_grad_steps == 25 and ed.lam == pytest.approx(15000.0 * 64 / 16384)
