@@ -108,6 +108,40 @@ def check_writable_file(path: Path, what: str) -> Path:
     return path
 
 
+def control_characters(text: str) -> list[str]:
+    """The control characters in ``text`` (Unicode category Cc/Cs: NUL, tabs, newlines, escapes, lone
+    surrogates), each as ``repr`` shows it; empty when there is none."""
+    import unicodedata
+
+    return sorted({repr(c) for c in text if unicodedata.category(c) in ("Cc", "Cs")})
+
+
+def slug(text: str, max_len: int = 80) -> str:
+    """A readable file-name form of user text, safe as one path component: letters, digits, ``.``, ``_`` and
+    ``-`` are kept, any other run of characters becomes ``-``, leading dots and dashes are dropped (no ``..``, no
+    hidden file), and a name that changed or was long gets 8 hex of its sha256 so two names never share a slug.
+    Never empty."""
+    import hashlib
+    import re
+
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-") or "unnamed"
+    if s == text and len(s) <= max_len:
+        return s
+    tag = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{s[: max_len - 9].rstrip('.-')}-{tag}"
+
+
+def inside(root: Path, name: str, what: str) -> Path:
+    """``root / name`` after checking that it resolves inside ``root`` (``name`` is one component made by
+    :func:`slug`, so this holds unless someone bypassed it); raises :class:`UserError` naming ``what``."""
+    path = root / name
+    base = root.resolve()
+    if path.resolve() != base and base not in path.resolve().parents:
+        raise UserError(f"{what} {cut(name)}: resolves outside {root} ({path.resolve()}); names become one "
+                        f"folder inside it")
+    return path
+
+
 def setup_logging(verbose: bool) -> None:
     """INFO with ``-v``, else WARNING, on stderr."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,

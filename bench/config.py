@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from bench.cli import ECHO_LIMIT, clip, cut
+from bench.cli import ECHO_LIMIT, clip, control_characters, cut
 from bench.data import (DataError, dataset_root, file_sha256, hub_file, load_card, load_task, resolve_file,
                         split_overlaps)
 from bench.models import ModelSpecError, model_kind_hint, resolve_model_source
@@ -117,9 +117,18 @@ class TuneSpec(_Strict):
         return list(self.values) if self.tune == "choice" else [self.lower, self.upper]
 
 
+def _printable(v: str | None) -> str | None:
+    """A name, path or label that becomes a file name, a path or an MLflow key holds no control character."""
+    if v is not None and control_characters(v):
+        raise ValueError(f"holds control characters ({', '.join(control_characters(v))}); use printable text")
+    return v
+
+
 class ModelEntry(_Strict):
     name: str
     edit_params: list[str] | None = Field(default=None, description="globs overriding the family default")
+
+    _name = field_validator("name")(classmethod(lambda cls, v: _printable(v)))
 
 
 class GenerateEntry(_Strict):
@@ -136,6 +145,15 @@ class DatasetEntry(_Strict):
     n_train: PositiveInt | None = None
     n_val: PositiveInt | None = None
     paths: dict[str, str] = Field(default_factory=dict, description="split -> file replacing the card's")
+
+    @field_validator("paths")
+    @classmethod
+    def _paths_printable(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, p in v.items():
+            if control_characters(p):
+                raise ValueError(f"{k}: holds control characters ({', '.join(control_characters(p))}); "
+                                 "use printable text")
+        return v
     prepare: dict[str, float] | None = Field(default=None, description="override the card's base-model preparation")
     generate: GenerateEntry | None = Field(default=None, description="override the card's target generation")
     source: Literal["embedded", "local", "hub"] | None = Field(
@@ -178,6 +196,8 @@ class MethodEntry(_Strict):
     hparams: dict[str, Any] = Field(default_factory=dict)
     budget: Budget = Field(default_factory=Budget)
     label: str | None = Field(default=None, description="display name when one method appears twice")
+
+    _label = field_validator("label")(classmethod(lambda cls, v: _printable(v)))
 
     @field_validator("name")
     @classmethod
@@ -241,7 +261,12 @@ class Sweep(_Strict):
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must not be blank (it names the MLflow experiment)")
-        return v
+        return _printable(v)  # type: ignore[return-value]
+
+    @field_validator("data_root", "tracking_uri")
+    @classmethod
+    def _path_printable(cls, v: str | None) -> str | None:
+        return _printable(v)
 
     @model_validator(mode="after")
     def _batch_fits(self) -> "Sweep":
@@ -249,6 +274,22 @@ class Sweep(_Strict):
         if too_big:
             raise ValueError(f"edit_batch_size {too_big[0]} is larger than n_edits ({self.n_edits}); "
                              f"use a batch size <= n_edits")
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoints_in_stream(self) -> "Sweep":
+        cps = self.checkpoints
+        if cps is None:
+            return self
+        if "sequential" not in self.edit_mode:
+            raise ValueError("checkpoints score a sequential stream; add edit_mode: [sequential] or remove them")
+        past = [c for c in cps if c > self.n_edits]
+        if past:
+            raise ValueError(f"checkpoints: {past[0]} is past the end of the stream (n_edits {self.n_edits}); "
+                             f"use checkpoints <= {self.n_edits}")
+        dup = sorted({c for c in cps if cps.count(c) > 1})
+        if dup:
+            raise ValueError(f"checkpoints: {dup[0]} is given twice; give each edit count once")
         return self
 
     @field_validator("edit_batch_size", "seeds", "edit_mode", mode="before")
@@ -571,7 +612,7 @@ def _check_pairings(sweep: Sweep, source: str) -> None:
             for i, ds in enumerate(sweep.datasets):
                 if load_card(ds.name).kind == "classification":
                     raise SweepError(f"{source}: methods.{mi} ({m.name}) edits {' / '.join(kinds)} models; "
-                                     f"datasets.{i} ({ds.name}) is a classification task")
+                                     f"datasets.{i} ({cut(ds.name, 80)}) is a classification task")
         for combo in _grid_axes(m.hparams)[0]:
             for rel in cls.data_files(combo):
                 try:
@@ -638,5 +679,5 @@ def validate(sweep: Sweep, source: str = "sweep") -> list[dict[str, Any]]:
                                     f"({len(task['test'])} records from {task.files['test']}, seed {seed}); "
                                     f"use n_edits <= {len(task['test'])}")
         except DataError as e:
-            raise SweepError(f"{source}: datasets.{i} ({ds.name}): {e}") from None
+            raise SweepError(f"{source}: datasets.{i} ({cut(ds.name, 80)}): {e}") from None
     return plan(sweep)

@@ -491,9 +491,10 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
         rome: dict[str, list[float]] = {}
         if known:
             nan = [float("nan")] * len(recs)
-            rome["efficacy"], rome["paraphrase"] = list(nan), list(nan)
+            rome["efficacy"], rome["paraphrase"], rome["p_new"] = list(nan), list(nan), list(nan)
             lp = {k: seq_logprob(*post[k]).tolist() for k in post}
             for j, i in enumerate(known):
+                rome["p_new"][i] = math.exp(lp["edit"][i])
                 rome["efficacy"][i] = float(lp["edit"][i] > lp["true_e"][j])
                 rome["paraphrase"][i] = float(lp["equiv"][i] > lp["true_q"][j])
             if rome_neighbourhood:

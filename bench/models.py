@@ -501,14 +501,67 @@ def resolve_model_source(name: str) -> str:
     """
     if name in ALIASES:
         return "alias"
-    if Path(name).expanduser().is_dir():
+    folder = Path(name).expanduser()
+    try:
+        is_dir = folder.is_dir()
+    except (OSError, ValueError):  # a name too long for a path, or with a NUL: not a folder
+        is_dir = False
+    if is_dir:
+        check_model_folder(folder)
         return "local folder"
-    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) or name in BARE_HUB_IDS:
+    parts = name.split("/")
+    if (len(parts) == 2 and all(re.fullmatch(r"[\w][\w.\-]*", p) and ".." not in p for p in parts)
+            and len(name) <= 96) or name in BARE_HUB_IDS:
         return "hub id"
+    shown = repr(name) if len(name) <= 120 else repr(name[:120]) + "..."
     raise ModelSpecError(
-        f"unknown model {name!r}: use an alias ({', '.join(ALIASES)}), an existing local folder, or a Hugging Face id "
-        "like 'org/name'"
+        f"unknown model {shown}: not an alias ({', '.join(ALIASES)}), no folder at {_shown_path(folder)}, and not a "
+        "Hugging Face id like 'org/name'"
     )
+
+
+def _shown_path(p: Path) -> str:
+    """``p`` made absolute for a message, cut to 200 characters (never raising on a name a path cannot hold)."""
+    try:
+        s = str(p.resolve())
+    except (OSError, ValueError):
+        s = str(p)
+    return s if len(s) <= 200 else s[:200] + "..."
+
+
+#: Files one of which a loadable model folder holds, per part (``save_pretrained`` / a Hub snapshot).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model")
+
+
+def check_model_folder(folder: Path) -> None:
+    """A local model folder holds what loading it needs: a ``config.json`` naming a ``model_type`` transformers
+    knows, weights (safetensors, a PyTorch bin, or a GGUF file) and a tokenizer; otherwise a
+    :class:`ModelSpecError` in one line naming the folder and what is missing."""
+    import json
+
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        gguf = sorted(folder.glob("*.gguf"))
+        if gguf:
+            return  # a GGUF file carries its config and tokenizer (transformers' gguf_file=)
+        raise ModelSpecError(f"model folder {folder}: no config.json (a model saved with save_pretrained, a Hub "
+                             f"snapshot, or a .gguf file)")
+    try:
+        model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError, OSError) as e:
+        raise ModelSpecError(f"model folder {folder}: config.json is not a JSON object ({e})") from None
+    from transformers import CONFIG_MAPPING
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ModelSpecError(f"model folder {folder}: config.json has no model_type transformers knows "
+                             f"(got {model_type!r})")
+    if not any((folder / f).is_file() for f in WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
+        raise ModelSpecError(f"model folder {folder}: no weights (one of {', '.join(WEIGHT_FILES)})")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelSpecError(f"model folder {folder}: no tokenizer (one of {', '.join(TOKENIZER_FILES)})")
 
 
 _ALIAS_KINDS: dict[str, Kind] = {"smollm2-135m": "causal", "minilm-l6": "classifier", "tiny-gpt2": "causal",

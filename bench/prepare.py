@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from bench.data import TaskData, collate, file_sha256
+from bench.cli import slug
+from bench.data import TaskData, collate
 from bench.cache import cache_root, cached, rng_kept
 from bench.models import load_model
 
@@ -71,7 +72,7 @@ def prepare_base(model_name: str, task: TaskData, seed: int, settings: dict[str,
     settings = {**task.card.prepare, **(settings or {})}
     steps, lr, bs = int(settings.get("steps", 300)), float(settings.get("lr", 5e-5)), int(settings.get("batch_size", 32))
     key = prepare_key(model_name, task, seed, {"steps": steps, "lr": lr, "batch_size": bs})
-    folder = cache_root() / "prepared" / f"{Path(model_name).name}-{task.card.name}-{key}"
+    folder = cache_root() / "prepared" / slug(f"{Path(model_name).name}-{task.card.name}-{key}")
     meta_file = folder / "prepared.json"
     if meta_file.exists():
         info = json.loads(meta_file.read_text())

@@ -256,11 +256,11 @@ def table_results(df: Any) -> tuple[list[str], list[list[str]], str]:
 
 
 def table_rome(df: Any) -> tuple[list[str], list[list[str]], str]:
-    """ROME-style scores (efficacy, paraphrase, neighbourhood) beside the MEND-style ES, per editor and dataset /
-    model, at the smallest batch size, for the tasks that have ROME's neighbourhood score (CounterFact); empty
-    when no run has it."""
-    keys = ("efficacy", "paraphrase", "neighbourhood")
-    header = ["dataset / model", "editor", "efficacy", "paraphrase", "neighbourhood", "ES (MEND)"]
+    """ROME-style scores (efficacy, paraphrase, neighbourhood, mean p(new)) beside the MEND-style ES, per editor and
+    dataset / model, at the smallest batch size, for the tasks that have ROME's neighbourhood score
+    (CounterFact); empty when no run has it ("-" for p(new) in runs logged before it existed)."""
+    keys = ("efficacy", "paraphrase", "neighbourhood", "p_new")
+    header = ["dataset / model", "editor", "efficacy", "paraphrase", "neighbourhood", "p(new)", "ES (MEND)"]
     rows = []
     for ds, model, m in sorted({(r["dataset"], r["model"], r["method"])
                                 for r in df.select("dataset", "model", "method").to_dicts()}):
@@ -814,7 +814,8 @@ def main(argv: list[str] | None = None) -> int:
                     "python -m bench.report --experiment zsre --format md,html")
     ap.add_argument("--experiment", required=True, help="MLflow experiment (a sweep's name)")
     ap.add_argument("--tracking-uri", default=None, help="MLflow store; default: sqlite:///./mlruns.db")
-    ap.add_argument("--out", type=Path, default=None, help="output folder; default: reports/<experiment>")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output folder; default: reports/<experiment as a file name (bench.cli.slug)>")
     ap.add_argument("--format", default="md,csv,tex,html", help="comma-separated subset of md, csv, tex, html")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log the report as an MLflow run")
     ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
@@ -825,8 +826,8 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(f"--format {cli.cut(','.join(bad) or args.format)} unknown; valid: md, csv, tex, html")
     if not args.experiment.strip():
         return cli.fail("--experiment must not be blank")
-    out = args.out or Path("reports") / args.experiment
     try:
+        out = args.out or cli.inside(Path("reports"), cli.slug(args.experiment), "the report folder of --experiment")
         # Reading never creates a store; logging the report needs it writable.
         uri = check_tracking_uri(args.tracking_uri or default_tracking_uri(), must_exist=True,
                                  writable=not args.no_mlflow)

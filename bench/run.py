@@ -152,8 +152,8 @@ def _finish(uri: str, experiment: str, sweep_text: str, sweep_path: str, df: Any
     summary = report.to_markdown(df.columns, [["" if v is None else str(v) for v in r] for r in df.iter_rows()])
     tracking.prepare_experiment(
         uri, experiment, f"Sweep `{sweep_path}`\n\n```yaml\n{sweep_text}\n```\n\n## Last summary\n\n{summary}\n")
-    out = Path("reports") / experiment
     try:
+        out = cli.inside(Path("reports"), cli.slug(experiment), "the report folder of experiment")
         report.build(uri, experiment, out, ["md", "csv", "tex", "html"])
         report.log_report(uri, experiment, out)
         print(f"report: {out / 'report.md'} and {out / 'report.html'}")
@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SweepError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
         if args.experiment is not None and not args.experiment.strip():
             raise SweepError("--experiment must not be blank")
+        if args.experiment is not None and cli.control_characters(args.experiment):
+            raise SweepError(f"--experiment holds control characters ({', '.join(cli.control_characters(args.experiment))}"
+                             "); use printable text")
         if not args.address:
             check_devices(sweep, args.sweep)
         uri = tracking.check_tracking_uri(args.tracking_uri or sweep.tracking_uri or tracking.default_tracking_uri())
@@ -420,7 +423,7 @@ def _tune(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, experim
             param_space={"trial": tune.grid_search(list(range(len(todo))))},
             tune_config=tune.TuneConfig(scheduler=scheduler,
                                         max_concurrent_trials=args.max_concurrent or sweep.max_concurrent),
-            run_config=tune.RunConfig(name=f"{experiment}-{sweep_id}",
+            run_config=tune.RunConfig(name=f"{cli.slug(experiment)}-{sweep_id}",
                                       storage_path=str((Path.cwd() / "ray_results").resolve()), verbose=1),
         )
         results = tuner.fit()

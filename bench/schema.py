@@ -49,6 +49,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("efficacy", "rome", True, ci=True, description="p(new) > p(true) on x_e"),
     Metric("paraphrase", "rome", True, ci=True, description="p(new) > p(true) on x'_e"),
     Metric("neighbourhood", "rome", True, ci=True, description="p(true) > p(new) on x_loc"),
+    Metric("p_new", "rome", True, ci=True, description="probability of the whole new target on x_e after the edit "
+                                                        "(where the true answer is known)"),
     Metric("edit_time_s", "cost", False, per="batch", required=True, summary=True, description="seconds per edit call"),
     Metric("edit_steps", "cost", False, per="batch", required=True, description="optimiser steps per edit call"),
     Metric("edit_peak_mem_mb", "cost", False, per="batch", required=True, summary=True,

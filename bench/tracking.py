@@ -292,10 +292,14 @@ class TrialRun:
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
 
+        import warnings
+
         items = []
         for name, context, ds, digest, call in inputs:
-            d = mlflow.data.from_huggingface(ds, path=call["path"], data_files=call.get("data_files"),
-                                             revision=call.get("revision"), name=name, digest=digest[:36])
+            with warnings.catch_warnings():  # its schema inference warns about integer columns (ids): not a model
+                warnings.simplefilter("ignore", UserWarning)
+                d = mlflow.data.from_huggingface(ds, path=call["path"], data_files=call.get("data_files"),
+                                                 revision=call.get("revision"), name=name, digest=digest[:36])
             items.append(DatasetInput(d._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
         if items:
             self.client.log_inputs(self.run_id, datasets=items)

@@ -49,6 +49,15 @@ def write(tmp: Path, doc: object = None, raw: str | bytes | None = None, name: s
     return str(p)
 
 
+def _folder(tmp: Path, files: dict[str, str]) -> str:
+    """A model folder holding ``files`` (name -> text), named by its content."""
+    d = tmp / f"model-{abs(hash(tuple(sorted(files.items())))) % 10**8}"
+    d.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (d / name).write_text(text)
+    return str(d)
+
+
 def zsre_rows(n: int) -> list[dict]:
     return json.loads((DATA / "zsre" / "zsre_mend_800.json").read_text())[:n]
 
@@ -145,6 +154,37 @@ CASES: dict[str, Case] = {
         "run", lambda t, s: [write(t, sweep(datasets=[{"name": "zsre", "paths": {
             "test": write(t, raw=b'[{"src": "caf\xe9"}]', name="latin1.json")}}]))],
         r"latin1.json: not UTF-8 text \(byte 13\)"),
+    "run: experiment name with a NUL": Case("run", run_case(sweep(name="exp\x00x")),
+                                            r"name: holds control characters \('\\x00'\); use printable text"),
+    "run: --experiment with a newline": Case("run", run_case(sweep(), extra=("--experiment", "a\nb")),
+                                             r"--experiment holds control characters \('\\n'\)"),
+    "run: model folder without a model": Case(
+        "run", lambda t, s: [write(t, sweep(models=[str((t / "empty").mkdir() or t / "empty")]))],
+        r"models.0.name: model folder .*/empty: no config.json"),
+    "run: model folder config without model_type": Case(
+        "run", lambda t, s: [write(t, sweep(models=[_folder(t, {"config.json": "{}"})]))],
+        r"models.0.name: model folder .*: config.json has no model_type transformers knows \(got None\)"),
+    "run: model folder without weights": Case(
+        "run", lambda t, s: [write(t, sweep(models=[_folder(t, {"config.json": '{"model_type": "gpt2"}'})]))],
+        r"model folder .*: no weights \(one of model.safetensors"),
+    "run: model folder without a tokenizer": Case(
+        "run", lambda t, s: [write(t, sweep(models=[_folder(t, {"config.json": '{"model_type": "gpt2"}',
+                                                                 "model.safetensors": ""})]))],
+        r"model folder .*: no tokenizer \(one of tokenizer.json"),
+    "run: model neither alias nor folder nor Hub id": Case(
+        "run", run_case(sweep(models=["../no/such/model"])),
+        r"unknown model '../no/such/model': not an alias \(smollm2-135m.*\), no folder at /.*no/such/model, and not "
+        r"a Hugging Face id"),
+    "run: Hub id with a dot-dot part": Case("run", run_case(sweep(models=["org/.."])), r"unknown model 'org/..'"),
+    "run: checkpoint past the stream": Case(
+        "run", run_case(sweep(edit_mode=["sequential"], checkpoints=[1, 50], n_edits=4)),
+        r"checkpoints: 50 is past the end of the stream \(n_edits 4\); use checkpoints <= 4"),
+    "run: checkpoint 0": Case("run", run_case(sweep(edit_mode=["sequential"], checkpoints=[0, 2])),
+                              r"checkpoints.0: Input should be greater than 0"),
+    "run: checkpoint twice": Case("run", run_case(sweep(edit_mode=["sequential"], checkpoints=[1, 1])),
+                                  r"checkpoints: 1 is given twice"),
+    "run: checkpoints without a sequential stream": Case("run", run_case(sweep(checkpoints=[1])),
+                                                         r"checkpoints score a sequential stream"),
     "run: missing data file": Case("run", run_case(sweep(data_root="/nonexistent-root")),
                                    r"zsre/zsre_mend_800.json' not found; tried"),
     "run: tracking URI with an unknown scheme": Case("run", run_case(sweep(), extra=("--tracking-uri", "foo://x")),

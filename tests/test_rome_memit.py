@@ -196,7 +196,7 @@ def test_a_rome_run_edits_interactively_with_its_subject(tmp_path, capsys) -> No
     from bench.report import build
 
     header, rows = build(uri, "r", tmp_path / "rep", ["md"]).tables["rome"]  # CounterFact: ROME-style table
-    assert header[2:] == ["efficacy", "paraphrase", "neighbourhood", "ES (MEND)"] and rows[0][1] == "rome"
+    assert header[2:] == ["efficacy", "paraphrase", "neighbourhood", "p(new)", "ES (MEND)"] and rows[0][1] == "rome"
     assert rows[0][2] == f"{df['efficacy'][0]:.3f} ± {df['efficacy_ci95'][0]:.3f}"
     rid = df["run_id"][0]
     args = ["--run", rid, "--tracking-uri", uri, "--prompt", "Paris is the capital of", "--target", "Italy",
@@ -268,3 +268,25 @@ def test_memit_takes_the_authors_settings_for_the_paper_models_unless_the_sweep_
     assert paper_hparams("tiny-llama", MEMITHparams()) == MEMITHparams()
     ed = MEMIT(tiny("tiny-llama"), {"layers": [1]})
     assert ed.hparams.v_num_grad_steps == 25 and ed.lam == pytest.approx(15000.0 * 64 / 16384)
+
+
+def test_p_new_is_the_probability_of_the_new_target_after_the_edit(cf) -> None:
+    """evaluate's ``p_new`` per edit equals the product of the softmax probabilities of the target's tokens on
+    x_e, taken here by hand from the edited model's logits (``space + target`` tokens after the prompt)."""
+    from bench.metrics import evaluate
+
+    m = tiny("tiny-llama")
+    rec = cf["test"][0]
+    ed = ROME(m, {**SMALL, "layers": 1})
+    ed.fit([], [])
+    res = evaluate(ed, m, [rec], cache_pre=False)
+    edit = ed.edit(edit_batch(m, [rec]))
+    tok = m.tokenizer
+    p_ids = tok(rec.prompt, add_special_tokens=False)["input_ids"]
+    t_ids = tok(" " + rec.target, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p_ids + t_ids])
+    with torch.no_grad(), m.applying(edit.deltas):
+        logits = m.model(input_ids=ids).logits[0].float().log_softmax(-1)
+    by_hand = float(sum(logits[len(p_ids) - 1 + j, t] for j, t in enumerate(t_ids)).exp())
+    assert res.rows[0]["p_new"] == pytest.approx(by_hand, rel=1e-3, abs=1e-7)
+    assert res.metrics["p_new"] == pytest.approx(by_hand, rel=1e-3, abs=1e-7)

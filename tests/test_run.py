@@ -226,18 +226,31 @@ def test_ci_sweep_end_to_end_leaves_one_finished_run_per_grid_point(tmp_path: Pa
 
 @pytest.mark.slow
 def test_a_failing_trial_exits_1_with_its_reason_and_a_failed_run(tmp_path: Path) -> None:
-    doc = _patch(models=[{"name": "tiny-gpt2", "edit_params": ["no.such.weight*"]}])
-    path = _write(tmp_path, doc)
+    """... and a sweep whose name walks up the tree ("../../escaped") writes its report and Ray's results inside
+    reports/ and ray_results/ under a slug of the name, while MLflow keeps the name as written."""
+    from bench.cli import slug
+
+    name = "../../escaped"
+    doc = _patch(name=name, models=[{"name": "tiny-gpt2", "edit_params": ["no.such.weight*"]}])
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    path = _write(work, doc)
     uri = f"sqlite:///{tmp_path / 'runs.db'}"
     env = {**os.environ, "EDITBENCH_RAY_TMP": f"/tmp/ebf{os.getpid()}"}
-    out = subprocess.run([sys.executable, "-m", "bench.run", path, "--tracking-uri", uri], cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "bench.run", path, "--tracking-uri", uri], cwd=work,
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     assert "trial failed" in out.stderr and "matches no parameter" in out.stderr
     from bench.tracking import runs_frame
 
-    df = runs_frame(uri, "t")
-    assert df.height == 1 and df["status"][0] == "FAILED" and "matches no parameter" in df["t.error"][0]
+    df = runs_frame(uri, name)
+    assert df.filter(df["t.editbench.kind"].is_null()).height == 1
+    trial = df.filter(df["t.editbench.kind"].is_null())
+    assert trial["status"][0] == "FAILED" and "matches no parameter" in trial["t.error"][0]
+    assert slug(name) == "escaped-" + slug(name).rsplit("-", 1)[1] and "/" not in slug(name)
+    assert (work / "reports" / slug(name) / "report.md").exists()
+    assert [p.name.startswith(slug(name) + "-") for p in (work / "ray_results").iterdir()] == [True]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "runs.db"]  # nothing two levels up
 
 
 def test_a_new_sqlite_store_is_the_cached_schema_made_as_mlflow_makes_it(tmp_path: Path, monkeypatch) -> None:

@@ -122,9 +122,10 @@ def load_card(name: str) -> DatasetCard:
     file, the key and what would be valid."""
     from bench.data.readers import READERS
 
+    if name not in available_cards():  # a name never becomes a path before it is known to be a card
+        shown = repr(name) if len(name) <= 80 else repr(name[:80]) + "..."
+        raise DataError(f"unknown dataset {shown}; valid: {', '.join(available_cards())}")
     path = CARDS_DIR / f"{name}.yaml"
-    if not path.exists():
-        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(available_cards())}")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise DataError(f"{path.name}: a card is a mapping of keys, got {type(raw).__name__}")

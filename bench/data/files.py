@@ -25,18 +25,28 @@ def data_root_candidates(data_root: str | os.PathLike | None = None) -> list[Pat
 
 
 def resolve_file(rel: str, data_root: str | os.PathLike | None = None) -> Path:
-    """Absolute path of a data file; a missing file raises :class:`DataError` naming every place tried."""
+    """Absolute path of a data file; a missing file raises :class:`DataError` naming every place tried (a name the
+    file system cannot hold, too long or with a NUL, is missing too)."""
+    def exists(p: Path) -> bool:
+        try:
+            return p.exists()
+        except (OSError, ValueError):  # ENAMETOOLONG, an embedded NUL byte
+            return False
+
     p = Path(rel).expanduser()
     if p.is_absolute():
-        if p.exists():
+        if exists(p):
             return p
-        raise DataError(f"data file not found: {p}")
+        raise DataError(f"data file not found: {str(p)[:200]!r}")
     tried = []
     for root in data_root_candidates(data_root):
-        cand = (root / rel).resolve()
-        if cand.exists():
+        try:
+            cand = (root / rel).resolve()
+        except (OSError, ValueError):
+            cand = root / rel
+        if exists(cand):
             return cand
-        tried.append(str(cand))
+        tried.append(str(cand)[:200])
     raise DataError(
         f"data file {rel!r} not found; tried: {'; '.join(tried)} (set data_root in the sweep or $EDITBENCH_DATA)"
     )
