@@ -117,10 +117,11 @@ class TuneSpec(_Strict):
         return list(self.values) if self.tune == "choice" else [self.lower, self.upper]
 
 
-def _printable(v: str | None) -> str | None:
-    """A name, path or label that becomes a file name, a path or an MLflow key holds no control character."""
+def _printable(v: str | None, where: str = "") -> str | None:
+    """A name, path or label that becomes a file name, a path or an MLflow key holds no control character
+    (``where`` names the entry inside the field, as ``test: `` for ``paths.test``)."""
     if v is not None and control_characters(v):
-        raise ValueError(f"holds control characters ({', '.join(control_characters(v))}); use printable text")
+        raise ValueError(f"{where}holds control characters ({', '.join(control_characters(v))}); use printable text")
     return v
 
 
@@ -128,7 +129,10 @@ class ModelEntry(_Strict):
     name: str
     edit_params: list[str] | None = Field(default=None, description="globs overriding the family default")
 
-    _name = field_validator("name")(classmethod(lambda cls, v: _printable(v)))
+    @field_validator("name")
+    @classmethod
+    def _name_printable(cls, v: str) -> str:
+        return _printable(v)  # type: ignore[return-value]
 
 
 class GenerateEntry(_Strict):
@@ -145,21 +149,19 @@ class DatasetEntry(_Strict):
     n_train: PositiveInt | None = None
     n_val: PositiveInt | None = None
     paths: dict[str, str] = Field(default_factory=dict, description="split -> file replacing the card's")
-
-    @field_validator("paths")
-    @classmethod
-    def _paths_printable(cls, v: dict[str, str]) -> dict[str, str]:
-        for k, p in v.items():
-            if control_characters(p):
-                raise ValueError(f"{k}: holds control characters ({', '.join(control_characters(p))}); "
-                                 "use printable text")
-        return v
     prepare: dict[str, float] | None = Field(default=None, description="override the card's base-model preparation")
     generate: GenerateEntry | None = Field(default=None, description="override the card's target generation")
     source: Literal["embedded", "local", "hub"] | None = Field(
         default=None, description="embedded: the files shipped in datasets/data/; local: files under data_root or "
         "$EDITBENCH_DATA; hub: the card's Hub dataset (by id and pinned revision; cached by datasets, offline "
         "from that cache); default: the data-root order (data_root, $EDITBENCH_DATA, the embedded files)")
+
+    @field_validator("paths")
+    @classmethod
+    def _paths_printable(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, p in v.items():
+            _printable(p, f"{k}: ")
+        return v
 
 
 class TrialSpec(_Strict):
@@ -197,7 +199,10 @@ class MethodEntry(_Strict):
     budget: Budget = Field(default_factory=Budget)
     label: str | None = Field(default=None, description="display name when one method appears twice")
 
-    _label = field_validator("label")(classmethod(lambda cls, v: _printable(v)))
+    @field_validator("label")
+    @classmethod
+    def _label_printable(cls, v: str | None) -> str | None:
+        return _printable(v)
 
     @field_validator("name")
     @classmethod
