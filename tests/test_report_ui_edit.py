@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import signal
 import socket
 import subprocess
@@ -104,6 +105,7 @@ def test_ui_serves_the_store_on_loopback_and_stops(store) -> None:
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bench.ui", "--tracking-uri", uri, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    printed = ""
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
@@ -119,9 +121,15 @@ def test_ui_serves_the_store_on_loopback_and_stops(store) -> None:
         with urllib.request.urlopen(base + "/api/2.0/mlflow/experiments/search?max_results=50", timeout=10) as r:
             body = r.read().decode()
         assert '"rep"' in body and "custom_model_development" in body
+        # bench.ui lists each experiment's runs view once the server is up
+        deadline = time.time() + 60
+        while "runs of rep" not in printed and time.time() < deadline:
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                printed += proc.stdout.readline()
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
+        out = printed + out
     assert proc.returncode == 0
     assert f"http://127.0.0.1:{port}/" in out and "stopping" in out
     exp_id = client(uri).get_experiment_by_name("rep").experiment_id
