@@ -300,7 +300,8 @@ class TrialRun:
                 warnings.simplefilter("ignore", UserWarning)
                 d = mlflow.data.from_huggingface(ds, path=call["path"], data_files=call.get("data_files"),
                                                  revision=call.get("revision"), name=name, digest=digest[:36])
-            items.append(DatasetInput(d._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+                entity = d._to_mlflow_entity()
+            items.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)]))
         if items:
             self.client.log_inputs(self.run_id, datasets=items)
 
