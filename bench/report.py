@@ -804,6 +804,14 @@ def log_report(uri: str, experiment: str, out: Path) -> str:
         return run.run_id
 
 
+def default_out(experiment: str) -> Path:
+    """Where an experiment's report goes unless ``--out`` says: ``reports/<slug of the name>`` (``bench.cli.slug``),
+    checked to resolve inside ``reports/`` whatever the name holds (``../../x`` lands in ``reports/x-<hash>``)."""
+    from bench import cli
+
+    return cli.inside(Path("reports"), cli.slug(experiment), "the report folder of experiment")
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench import cli
     from bench.tracking import TrackingError, check_tracking_uri, default_tracking_uri
@@ -827,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.experiment.strip():
         return cli.fail("--experiment must not be blank")
     try:
-        out = args.out or cli.inside(Path("reports"), cli.slug(args.experiment), "the report folder of --experiment")
+        out = args.out or default_out(args.experiment)
         # Reading never creates a store; logging the report needs it writable.
         uri = check_tracking_uri(args.tracking_uri or default_tracking_uri(), must_exist=True,
                                  writable=not args.no_mlflow)

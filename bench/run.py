@@ -153,7 +153,7 @@ def _finish(uri: str, experiment: str, sweep_text: str, sweep_path: str, df: Any
     tracking.prepare_experiment(
         uri, experiment, f"Sweep `{sweep_path}`\n\n```yaml\n{sweep_text}\n```\n\n## Last summary\n\n{summary}\n")
     try:
-        out = cli.inside(Path("reports"), cli.slug(experiment), "the report folder of experiment")
+        out = report.default_out(experiment)
         report.build(uri, experiment, out, ["md", "csv", "tex", "html"])
         report.log_report(uri, experiment, out)
         print(f"report: {out / 'report.md'} and {out / 'report.html'}")

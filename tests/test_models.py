@@ -42,7 +42,8 @@ def test_globs_override_the_family_default() -> None:
 
 
 def test_unknown_model_names_what_is_valid() -> None:
-    with pytest.raises(ModelSpecError, match="use an alias .*smollm2-135m"):
+    with pytest.raises(ModelSpecError, match=r"unknown model 'no such model!': not an alias \(smollm2-135m, .*\), no "
+                                             r"folder at /.*/no such model!, and not a Hugging Face id like 'org/name'"):
         resolve_model_source("no such model!")
     assert resolve_model_source("facebook/bart-base") == "hub id"
     assert resolve_model_source("tiny-t5") == "alias"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -226,8 +227,9 @@ def test_ci_sweep_end_to_end_leaves_one_finished_run_per_grid_point(tmp_path: Pa
 
 @pytest.mark.slow
 def test_a_failing_trial_exits_1_with_its_reason_and_a_failed_run(tmp_path: Path) -> None:
-    """... and a sweep whose name walks up the tree ("../../escaped") writes its report and Ray's results inside
-    reports/ and ray_results/ under a slug of the name, while MLflow keeps the name as written."""
+    """... and a sweep whose name walks up the tree ("../../escaped") writes Ray's results inside ray_results/ under
+    a slug of the name, nothing above its folder, while MLflow keeps the name as written (with no finished trial
+    there is no report; where a report goes is :func:`bench.report.default_out`, tested apart)."""
     from bench.cli import slug
 
     name = "../../escaped"
@@ -244,11 +246,8 @@ def test_a_failing_trial_exits_1_with_its_reason_and_a_failed_run(tmp_path: Path
     from bench.tracking import runs_frame
 
     df = runs_frame(uri, name)
-    assert df.filter(df["t.editbench.kind"].is_null()).height == 1
-    trial = df.filter(df["t.editbench.kind"].is_null())
-    assert trial["status"][0] == "FAILED" and "matches no parameter" in trial["t.error"][0]
+    assert df.height == 1 and df["status"][0] == "FAILED" and "matches no parameter" in df["t.error"][0]
     assert slug(name) == "escaped-" + slug(name).rsplit("-", 1)[1] and "/" not in slug(name)
-    assert (work / "reports" / slug(name) / "report.md").exists()
     assert [p.name.startswith(slug(name) + "-") for p in (work / "ray_results").iterdir()] == [True]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "runs.db"]  # nothing two levels up
 
@@ -286,3 +285,17 @@ def test_a_new_sqlite_store_is_the_cached_schema_made_as_mlflow_makes_it(tmp_pat
     own = tmp_path / "own.db"
     own.write_bytes(tracking._empty_schema())  # what MLflow's migrations make
     assert tables(tmp_path / "b.db") == tables(own)
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", "/etc/x", "café ☕", "x" * 300])
+def test_a_report_folder_is_one_readable_name_inside_reports(name: str, tmp_path: Path, monkeypatch) -> None:
+    """bench.run and bench.report put an experiment's report in reports/<slug>: one path component made of safe
+    characters, inside reports/ whatever the name holds; distinct names keep distinct folders."""
+    from bench.report import default_out
+
+    monkeypatch.chdir(tmp_path)
+    out = default_out(name)
+    assert out.parent == Path("reports") and (tmp_path / "reports").resolve() in (tmp_path / out).resolve().parents
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", out.name), out.name
+    assert default_out("ci").name == "ci"  # a name that is already safe is kept as it is
+    assert default_out(name + "!") != out
