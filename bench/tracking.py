@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -302,8 +303,21 @@ class TrialRun:
                                                  revision=call.get("revision"), name=name, digest=digest[:36])
                 entity = d._to_mlflow_entity()
             items.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)]))
-        if items:
-            self.client.log_inputs(self.run_id, datasets=items)
+        if not items:
+            return
+        for attempt in range(5):
+            try:
+                self.client.log_inputs(self.run_id, datasets=items)
+                return
+            except Exception as e:  # noqa: BLE001 - MlflowException / RestException carry the store's error as text
+                # Two trials that log the same dataset first at once both find it missing and both insert it; the
+                # store's unique key refuses the second (IntegrityError, rolled back). Once the first has
+                # committed, a retry finds the row and only links it to this run.
+                if attempt == 4 or not _duplicate_key(e):
+                    raise
+                log.info("dataset inputs of run %s: another run registered the same dataset at once; retrying",
+                         self.run_id)
+                time.sleep(0.2 * (attempt + 1))
 
     def log_table(self, rows: list[dict[str, Any]], name: str = "per_edit.parquet") -> None:
         """Write rows as a parquet artifact (polars)."""
@@ -313,6 +327,13 @@ class TrialRun:
             f = Path(tmp) / name
             pl.DataFrame(rows, infer_schema_length=None).write_parquet(f)
             self.log_artifact(f)
+
+
+def _duplicate_key(e: BaseException) -> bool:
+    """Whether ``e`` is a store's unique-key refusal (SQLAlchemy's IntegrityError, directly or through the REST
+    server, whose message keeps the SQL error's text and the SQLAlchemy error code ``gkpj``)."""
+    text = str(e)
+    return any(m in text for m in ("IntegrityError", "UNIQUE constraint", "duplicate key", "Duplicate entry", "/gkpj"))
 
 
 @contextmanager

@@ -230,3 +230,43 @@ def test_search_space_draws_are_reproducible_and_in_range() -> None:
     assert all(1e-5 <= t["hparams"]["lr"] <= 1e-3 and t["hparams"]["rank"] in (4, 8) for t in mend)
     assert len({t["config_digest"] for t in a}) == len(a)
     assert len({t["run_name"] for t in a}) == len(a)
+
+
+def test_trials_that_log_the_same_dataset_at_once_all_keep_it(tmp_path: Path) -> None:
+    """Concurrent trials register the same dataset input: the store's unique key refuses all but the first insert
+    (a fresh-clone cluster run failed a trial on it); every run must still end with the input linked, once."""
+    import threading
+
+    import datasets
+    import mlflow
+
+    from bench.tracking import trial_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    prepare_experiment(uri, "race")
+    errors: list[BaseException] = []
+    run_ids: list[str] = []
+    for rep in range(3):  # a new dataset per round: each round's first insert is contested again
+        ds = datasets.Dataset.from_dict({"x": [rep, rep + 1]})
+        barrier = threading.Barrier(4)
+
+        def one(i: int) -> None:
+            try:
+                with trial_run(uri, "race", f"r{rep}.{i}", {}) as run:
+                    run_ids.append(run.run_id)
+                    barrier.wait()
+                    run.log_dataset_inputs([(f"d{rep}/train", "train", ds, f"digest{rep}", {"path": "json"})])
+            except BaseException as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    c = mlflow.MlflowClient(uri)
+    assert len(run_ids) == 12
+    for rid in run_ids:
+        inputs = c.get_run(rid).inputs.dataset_inputs
+        assert [d.dataset.name for d in inputs] == [f"d{c.get_run(rid).info.run_name[1]}/train"]
