@@ -24,6 +24,7 @@ from bench.data import (DataError, dataset_root, file_sha256, hub_file, load_car
                         split_overlaps)
 from bench.models import ModelSpecError, model_kind_hint, resolve_model_source
 from methods import REGISTRY, Budget
+from methods.base import budget_digest_fields
 
 
 class SweepError(ValueError):
@@ -521,7 +522,7 @@ def config_digest(point: dict[str, Any], hparams: dict[str, Any]) -> str:
     # data_files. "local" is what every local source digested as before sources were named.
     ds["source"] = "hub" if ds.get("source") == "hub" else "local"
     blob = {"method": point["method"], "label": point["method_label"], "hparams": hparams,
-            "budget": point["budget"], "model": point["model"], "dataset": ds,
+            "budget": budget_digest_fields(point["budget"]), "model": point["model"], "dataset": ds,
             "data_files": point["data_files"], "seed": point["seed"],
             "edit_batch_size": point["edit_batch_size"], "n_edits": point["n_edits"]}
     if point.get("edit_mode", "independent") != "independent":  # independent trials keep their earlier digests

@@ -510,6 +510,7 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
                 "has_rephrase": r.has_rephrase,
                 "es": float(q_exact[i]),
                 "es_pre": float(pre_q_exact[i]),
+                "es_gain": float(q_exact[i]) - float(pre_q_exact[i]),
                 "edit_acc": float(e_exact[i]),
                 "token_acc_edit": float(e_tok[i]),
                 "token_acc_rephrase": float(q_tok[i]),

@@ -29,16 +29,19 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from bench.schema import BY_NAME
-from bench.tracking import (CONFIG_DIGEST_TAG, END_REASON_TAG, FIT_STOP_TAG, POINT_DIGEST_TAG, REUSE_TAG,
-                            SAMPLED_TAG, TRAIN_KEY_TAG, TRAINED_FROM_TAG)
+from bench.tracking import (CONFIG_DIGEST_TAG, END_REASON_TAG, FIT_KEPT_INITIAL_TAG, FIT_SELECT_TAG, FIT_STOP_TAG,
+                            POINT_DIGEST_TAG, REUSE_TAG, SAMPLED_TAG, TRAIN_KEY_TAG, TRAINED_FROM_TAG)
 from methods.base import BUDGET_LIMITED
 from bench.tracking import KIND_TAG as REPORT_TAG  # one place for tag names
 
 #: Marks a cell whose editor's training was ended by its budget, not by convergence on validation.
 BUDGET_MARK = "†"
+#: Marks a cell whose learned editor kept its untrained state (its best validation was step 0's): the cell is
+#: the untrained editor's result, for MEND / ENN / KE at init (nearly) the unedited model's.
+UNTRAINED_MARK = "‡"
 
 log = logging.getLogger("bench.report")
 
@@ -205,11 +208,45 @@ def budget_limited(runs: list[dict]) -> list[str]:
     return out
 
 
-def _budget_footnote(lines: list[str]) -> str:
-    if not lines:
-        return ""
-    return (f" {BUDGET_MARK} = budget-limited: the editor's training was ended by its step or time budget while "
-            "validation had not converged, so the cell is not a finished editor's result: " + "; ".join(lines) + ".")
+def kept_untrained(runs: list[dict]) -> list[str]:
+    """One line per run of a cell whose learned editor kept its untrained state (tag
+    ``editbench.fit_kept_initial``): its losses and validation ES at step 0 and later. Empty when none did."""
+    return [f"{r['method']} ({r['dataset']} / {r['model']}, seed {r.get('p.seed', '?')}): {r[f't.{FIT_KEPT_INITIAL_TAG}']}"
+            for r in runs if r.get(f"t.{FIT_KEPT_INITIAL_TAG}")]
+
+
+class _Marks:
+    """Collects the budget (†) and kept-untrained (‡) lines of a table's cells and writes their footnote."""
+
+    def __init__(self) -> None:
+        self.budget: list[str] = []
+        self.untrained: list[str] = []
+
+    def of(self, runs: list[dict]) -> str:
+        """The marks of one cell (" †", " ‡", " †‡" or ""), remembering its lines for the footnote."""
+        b, u = budget_limited(runs), kept_untrained(runs)
+        self.budget += [x for x in b if x not in self.budget]
+        self.untrained += [x for x in u if x not in self.untrained]
+        marks = (BUDGET_MARK if b else "") + (UNTRAINED_MARK if u else "")
+        return f" {marks}" if marks else ""
+
+    def footnote(self) -> str:
+        out = ""
+        if self.budget:
+            out += (f" {BUDGET_MARK} = budget-limited: the editor's training was ended by its step or time budget "
+                    "while validation had not converged, so the cell is not a finished editor's result: "
+                    + "; ".join(self.budget) + ".")
+        if self.untrained:
+            out += (f" {UNTRAINED_MARK} = kept its untrained state: no validation after step 0 beat step 0's under "
+                    "the checkpoint selection, so the cell is the untrained editor's result (for MEND / ENN / KE at "
+                    "init, about no edit; compare the gain over the unedited model): "
+                    + "; ".join(self.untrained) + ".")
+        return out
+
+
+def _gain(runs: list[dict]) -> str:
+    """ES minus the unedited model's ES on the same edits, with its CI ("-" for runs logged before it existed)."""
+    return _pm(*_pooled(runs, "es_gain")[:2])
 
 
 # --------------------------------------------------------------------------------------------------- tables
@@ -221,7 +258,7 @@ def table_results(df: Any) -> tuple[list[str], list[list[str]], str]:
     methods = sorted(df["method"].unique().to_list())
     best: dict[tuple, str] = {}
     cells: dict[tuple, tuple[float, str]] = {}
-    limited: list[str] = []
+    marks = _Marks()
     for ds, model in cols:
         bs = int(df.filter((df["dataset"] == ds) & (df["model"] == model))["bs"].min())
         for m in methods:
@@ -231,10 +268,8 @@ def table_results(df: Any) -> tuple[list[str], list[list[str]], str]:
             es, es_ci, n = _pooled(runs, "es")
             dd, dd_ci, _ = _pooled(runs, "drawdown")
             agree, _, _ = _pooled(runs, "loc_agree")
-            text = f"ES {_pm(es, es_ci)}; DD {_pm(dd, dd_ci)}; agree {agree:.3f} (n={n})"
-            lines = budget_limited(runs)
-            limited += lines
-            cells[(m, ds, model)] = (es, text + (f" {BUDGET_MARK}" if lines else ""))
+            text = f"ES {_pm(es, es_ci)}; gain {_gain(runs)}; DD {_pm(dd, dd_ci)}; agree {agree:.3f} (n={n})"
+            cells[(m, ds, model)] = (es, text + marks.of(runs))
         col_cells = [(es, m) for (m, d, mo), (es, _) in cells.items() if (d, mo) == (ds, model) and not math.isnan(es)]
         if col_cells:
             best[(ds, model)] = max(col_cells)[1]
@@ -247,11 +282,13 @@ def table_results(df: Any) -> tuple[list[str], list[list[str]], str]:
             text = "-" if c is None else c[1]
             row.append(f"**{text}**" if best.get((ds, model)) == m and c else text)
         rows.append(row)
-    note = ("ES = edit success on the equivalence input (MEND style); DD = drawdown (QA and classification: locality "
+    note = ("ES = edit success on the equivalence input (MEND style); gain = ES minus the unedited model's ES on the "
+            "same edits (0 = the editor changed nothing; FEVER's labels already hold for about half the claims); "
+            "DD = drawdown (QA and classification: locality "
             "accuracy before minus after; generation: relative perplexity increase on locality passages, "
             "ppl_after / ppl_before - 1); agree = share of locality answer tokens whose argmax is unchanged; "
             "mean ± 95% CI over n edits; bold = best ES in the column; smallest edit batch size of each column."
-            + _budget_footnote(limited))
+            + marks.footnote())
     return header, rows, note
 
 
@@ -260,8 +297,10 @@ def table_rome(df: Any) -> tuple[list[str], list[list[str]], str]:
     dataset / model, at the smallest batch size, for the tasks that have ROME's neighbourhood score
     (CounterFact); empty when no run has it ("-" for p(new) in runs logged before it existed)."""
     keys = ("efficacy", "paraphrase", "neighbourhood", "p_new")
-    header = ["dataset / model", "editor", "efficacy", "paraphrase", "neighbourhood", "p(new)", "ES (MEND)"]
+    header = ["dataset / model", "editor", "efficacy", "paraphrase", "neighbourhood", "p(new)", "ES (MEND)",
+              "ES gain"]
     rows = []
+    marks = _Marks()
     for ds, model, m in sorted({(r["dataset"], r["model"], r["method"])
                                 for r in df.select("dataset", "model", "method").to_dicts()}):
         bs = int(df.filter((df["dataset"] == ds) & (df["model"] == model))["bs"].min())
@@ -269,10 +308,11 @@ def table_rome(df: Any) -> tuple[list[str], list[list[str]], str]:
         if not any(r.get("neighbourhood") is not None for r in runs):
             continue
         cells = [_pm(*_pooled(runs, k)[:2]) for k in (*keys, "es")]
-        rows.append([f"{ds} / {model}", m, *cells])
+        rows.append([f"{ds} / {model}", m + marks.of(runs), *cells, _gain(runs)])
     return header, rows, ("ROME style (Meng et al. 2022), where the true answer is known (CounterFact): "
                           + _glossary(*keys) + "; ES (MEND) = " + _glossary("es").split(" = ", 1)[1]
-                          + ", for comparison; mean ± 95% CI.")
+                          + ", for comparison; ES gain = " + _glossary("es_gain").split(" = ", 1)[1]
+                          + "; mean ± 95% CI." + marks.footnote())
 
 
 def table_batch(df: Any) -> tuple[list[str], list[list[str]], str]:
@@ -280,7 +320,7 @@ def table_batch(df: Any) -> tuple[list[str], list[list[str]], str]:
     sizes = sorted(df["bs"].unique().to_list())
     header = ["dataset / model", "editor"] + [f"B={b}" for b in sizes]
     rows = []
-    limited: list[str] = []
+    marks = _Marks()
     for key in sorted({(r["dataset"], r["model"], r["method"]) for r in df.select("dataset", "model", "method").to_dicts()}):
         ds, model, m = key
         row = [f"{ds} / {model}", m]
@@ -290,13 +330,13 @@ def table_batch(df: Any) -> tuple[list[str], list[list[str]], str]:
                 row.append("-")
                 continue
             es, _, _ = _pooled(runs, "es")
+            gain, _, _ = _pooled(runs, "es_gain")
             dd, _, _ = _pooled(runs, "drawdown")
-            lines = budget_limited(runs)
-            limited += [line for line in lines if line not in limited]
-            row.append(f"ES {es:.3f} / DD {dd:.3f}" + (f" {BUDGET_MARK}" if lines else ""))
+            gain_text = f" (gain {gain:+.3f})" if not math.isnan(gain) else ""
+            row.append(f"ES {es:.3f}{gain_text} / DD {dd:.3f}" + marks.of(runs))
         rows.append(row)
-    return header, rows, ("Each batch is one edit call on B requests; ES and drawdown are over all B requests."
-                          + _budget_footnote(limited))
+    return header, rows, ("Each batch is one edit call on B requests; ES and drawdown are over all B requests; gain "
+                          "= ES minus the unedited model's ES on the same requests." + marks.footnote())
 
 
 def table_cost(df: Any) -> tuple[list[str], list[list[str]], str]:
@@ -407,20 +447,34 @@ def retention_curves(uri: str, df: Any) -> dict[tuple[str, str, str], list[tuple
             for key, pts in acc.items()}
 
 
-def table_retention(curves: dict[tuple[str, str, str], list[tuple[int, float, float]]]
+def table_retention(curves: dict[tuple[str, str, str], list[tuple[int, float, float]]],
+                    unedited: Mapping[tuple[str, str, str], float] | None = None
                     ) -> tuple[list[str], list[list[str]], str]:
-    """Sequential editing: ES on all edits so far after k edits, per editor, at every checkpoint."""
+    """Sequential editing: ES on all edits so far after k edits, per editor, at every checkpoint, beside the
+    unedited model's ES on the same test edits (``unedited``: (method, dataset, model) -> mean ``es_pre``)."""
+    unedited = unedited or {}
     ks = sorted({k for pts in curves.values() for k, _, _ in pts})
-    header = ["dataset / model", "editor"] + [f"k={k}" for k in ks] + ["loc agree (last)"]
+    header = ["dataset / model", "editor", "unedited ES"] + [f"k={k}" for k in ks] + ["loc agree (last)"]
     rows = []
     for (m, ds, model), pts in sorted(curves.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         at = {k: es for k, es, _ in pts}
-        rows.append([f"{ds} / {model}", m] + [f"{at[k]:.3f}" if k in at else "-" for k in ks]
-                    + [f"{pts[-1][2]:.3f}"])
+        pre = unedited.get((m, ds, model), float("nan"))
+        rows.append([f"{ds} / {model}", m, "-" if math.isnan(pre) else f"{pre:.3f}"]
+                    + [f"{at[k]:.3f}" if k in at else "-" for k in ks] + [f"{pts[-1][2]:.3f}"])
     return header, rows, ("Sequential editing: the test edits are applied one batch after another, each computed on "
                           "the model as already edited; k=N is ES (x'_e, MEND style) on ALL N edits made so far "
-                          "(retention), after the N-th. loc agree: locality argmax agreement with the ORIGINAL model "
-                          "after the last edit.")
+                          "(retention), after the N-th; unedited ES: the unedited model's ES on all the run's test "
+                          "edits, the level that means no edit is left. loc agree: locality argmax agreement with the "
+                          "ORIGINAL model after the last edit.")
+
+
+def unedited_es(df: Any) -> dict[tuple[str, str, str], float]:
+    """(method, dataset, model) -> the unedited model's ES (``es_pre``) pooled over the sequential runs."""
+    keys: dict[tuple[str, str, str], list[dict]] = {}
+    for r in df.to_dicts():
+        if r["mode"] == "sequential":
+            keys.setdefault((r["method"], r["dataset"], r["model"]), []).append(r)
+    return {k: _pooled(runs, "es_pre")[0] for k, runs in keys.items()}
 
 
 def trained_runs(df: Any) -> list[dict]:
@@ -456,27 +510,37 @@ def _training_label(r: dict) -> str:
 
 
 def table_training(runs: list[dict]) -> tuple[list[str], list[list[str]], str]:
-    """One row per training of a learned editor: why the fit stopped, its steps, the step of its chosen
-    checkpoint (lowest validation loss), that checkpoint's validation ES and loss, the training's wall time, and
-    the run it was loaded from when the trial did not train."""
-    header = ["editor", "dataset / model", "fit", "steps", "chosen step", "val ES", "val loss", "train time (s)",
-              "loaded from"]
+    """One row per training of a learned editor: why the fit stopped (‡ when it kept its untrained state), its
+    steps, the step of its chosen checkpoint and the selection that chose it, that checkpoint's validation ES and
+    loss beside the untrained editor's validation ES (step 0), the training's wall time, and the run it was
+    loaded from when the trial did not train."""
+    header = ["editor", "dataset / model", "fit", "steps", "chosen step", "chosen by", "val ES", "val ES (step 0)",
+              "val loss", "train time (s)", "loaded from"]
     rows = []
     for r in runs:
         why = r.get(f"t.{FIT_STOP_TAG}")
         src = r.get(f"t.{TRAINED_FROM_TAG}")
         t = _num(r, "source_train_time_s") if src else _num(r, "train_time_s")
-        rows.append([r["method"], f"{r['dataset']} / {r['model']}",
-                     f"budget-limited ({why}) {BUDGET_MARK}" if why in BUDGET_LIMITED else str(why),
+        fit = f"budget-limited ({why}) {BUDGET_MARK}" if why in BUDGET_LIMITED else str(why)
+        if r.get(f"t.{FIT_KEPT_INITIAL_TAG}"):
+            fit += f" {UNTRAINED_MARK}"
+        init = _num(r, "init_val_es")
+        rows.append([r["method"], f"{r['dataset']} / {r['model']}", fit,
                      f"{_num(r, 'train_steps'):.0f}", f"{_num(r, 'train_best_step'):.0f}",
-                     f"{_num(r, 'best_val_es'):.3f}", f"{_num(r, 'best_val_loss'):.3f}", f"{t:.0f}",
+                     (r.get(f"t.{FIT_SELECT_TAG}") or "val_loss (not recorded)").split(" (")[0],
+                     f"{_num(r, 'best_val_es'):.3f}", "-" if math.isnan(init) else f"{init:.3f}",
+                     f"{_num(r, 'best_val_loss'):.3f}", f"{t:.0f}",
                      f"{src[:12]} ({r.get(f't.{REUSE_TAG}') or 'training key'})" if src else "-"])
     return header, rows, (
-        "Learned editors' trainings. fit: converged = validation loss did not improve for `patience` validations; "
-        f"budget-limited {BUDGET_MARK} = the step or time budget ended it first (the editor is not finished). "
-        "chosen step: the checkpoint with the lowest validation loss, which the editor keeps; val ES / loss: at "
-        "that checkpoint. loaded from: the run whose training the trial reused (same training key, or the same "
-        "editor trained to convergence), whose time is shown. Validation curves: training_curves.png.")
+        "Learned editors' trainings. fit: converged = the selection key did not improve for `patience` "
+        "validations after improving on step 0; diverged = it never improved on step 0 (the editor kept its "
+        f"untrained state {UNTRAINED_MARK}); budget-limited {BUDGET_MARK} = the step or time budget ended it first "
+        f"(the editor is not finished; {UNTRAINED_MARK} when its best validation was still step 0's). chosen by: "
+        "val_loss = the lowest c_edit * L_e + c_loc * L_loc (the authors' key), val_es = the highest validation ES "
+        "above the budget's locality floor (budget `select` / `loc_floor`); chosen step: the checkpoint the editor "
+        "keeps; val ES / loss: at that checkpoint; val ES (step 0): the untrained editor's. loaded from: the run "
+        "whose training the trial reused (same training key, or the same editor trained to convergence), whose "
+        "time is shown. Validation curves: training_curves.png.")
 
 
 def plot_training(curves: dict[str, list[tuple[int, float, float]]], out: Path) -> Path:
@@ -527,13 +591,13 @@ def chosen_sample(runs: list[dict]) -> tuple[dict | None, str]:
 def table_tuning(runs: list[dict]) -> tuple[list[str], list[list[str]], str]:
     """One row per sample of every tuned grid point: the values drawn, whether it finished or the scheduler
     stopped it, its validation ES / loss (the fit's chosen checkpoint; for a stopped trial, its last validation),
-    training steps, test ES; the chosen sample of each point in bold."""
+    training steps, test ES and its gain over the unedited model; the chosen sample of each point in bold."""
     import json
 
     points: dict[str, list[dict]] = {}
     for r in runs:
         points.setdefault(r.get(f"t.{POINT_DIGEST_TAG}") or r["run_name"], []).append(r)
-    header = ["editor / model / dataset", "sample", "status", "val ES", "val loss", "steps", "test ES"]
+    header = ["editor / model / dataset", "sample", "status", "val ES", "val loss", "steps", "test ES", "test ES gain"]
     rows, chosen_by = [], []
     for _, rs in sorted(points.items(), key=lambda kv: (kv[1][0]["p.method"], kv[1][0]["p.model"],
                                                         kv[1][0]["p.dataset"])):
@@ -554,7 +618,8 @@ def table_tuning(runs: list[dict]) -> tuple[list[str], list[list[str]], str]:
                    "-" if math.isnan(val_es) else f"{val_es:.3f}", "-" if math.isnan(val_loss) else f"{val_loss:.3f}",
                    f"{_num(r, 'train_steps'):.0f}" if done and r.get(f"t.{FIT_STOP_TAG}") not in (None, "untrained")
                    else "-",
-                   _pm(_num(r, "es"), _num(r, "es_ci95")) if done else "-"]
+                   _pm(_num(r, "es"), _num(r, "es_ci95")) if done else "-",
+                   _pm(_num(r, "es_gain"), _num(r, "es_gain_ci95")) if done else "-"]
             rows.append([f"**{c}**" for c in row] if r is best else row)
     note = ("Each tuned grid point's samples (values drawn from the sweep's search spaces); bold = the chosen "
             "sample of its point, by " + "; ".join(chosen_by) + ". val ES / loss: the fit's chosen checkpoint "
@@ -754,7 +819,7 @@ def build(uri: str, experiment: str, out: Path, formats: list[str]) -> Report:
         rep.notes[key] = note
     curves = retention_curves(uri, df)
     if curves:
-        header, rows, note = table_retention(curves)
+        header, rows, note = table_retention(curves, unedited_es(df))
         rep.tables["retention"] = (header, rows)
         rep.notes["retention"] = note
     trained = trained_runs(df)

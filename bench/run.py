@@ -109,11 +109,13 @@ def _summary(tracking_uri: str, experiment: str, digests: set[str]) -> Any:
 
 def fit_column(df: Any) -> Any:
     """The summary's ``fit`` column: "converged (step S)", "budget† (step S, best B)" for a training its budget
-    ended, or "-" for editors that do not train; ", loaded" when the editor came from another run's training."""
+    ended, "diverged‡ (step S, kept 0)" for one whose validation never beat the untrained editor's, or "-" for
+    editors that do not train; "‡" after any fit that kept its untrained state, ", loaded" when the editor came
+    from another run's training."""
     import polars as pl
 
-    from bench.report import BUDGET_MARK
-    from bench.tracking import FIT_STOP_TAG, TRAINED_FROM_TAG
+    from bench.report import BUDGET_MARK, UNTRAINED_MARK
+    from bench.tracking import FIT_KEPT_INITIAL_TAG, FIT_STOP_TAG, TRAINED_FROM_TAG
     from methods.base import BUDGET_LIMITED
 
     tag = f"t.{FIT_STOP_TAG}"
@@ -125,11 +127,16 @@ def fit_column(df: Any) -> Any:
     src = f"t.{TRAINED_FROM_TAG}"
     loaded = (pl.when(pl.col(src).is_not_null()).then(pl.lit(", loaded")).otherwise(pl.lit(""))
               if src in df.columns else pl.lit(""))
+    kept = f"t.{FIT_KEPT_INITIAL_TAG}"
+    mark = (pl.when(pl.col(kept).is_not_null() & (pl.col(kept) != "")).then(pl.lit(UNTRAINED_MARK))
+            .otherwise(pl.lit("")) if kept in df.columns else pl.lit(""))
     return (pl.when(pl.col(tag).is_in(list(BUDGET_LIMITED)))
-            .then(pl.concat_str([pl.lit(f"budget{BUDGET_MARK} (step "), steps, pl.lit(", best "), best, loaded,
-                                 pl.lit(")")]))
+            .then(pl.concat_str([pl.lit(f"budget{BUDGET_MARK}"), mark, pl.lit(" (step "), steps, pl.lit(", best "),
+                                 best, loaded, pl.lit(")")]))
             .when(pl.col(tag) == "converged").then(pl.concat_str([pl.lit("converged (step "), steps, loaded,
                                                                   pl.lit(")")]))
+            .when(pl.col(tag) == "diverged").then(pl.concat_str([pl.lit(f"diverged{UNTRAINED_MARK} (step "), steps,
+                                                                 pl.lit(", kept 0"), loaded, pl.lit(")")]))
             .otherwise(pl.lit("-")).alias("fit"))
 
 
@@ -137,7 +144,15 @@ def _print_summary(df: Any, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    from bench.report import BUDGET_MARK, UNTRAINED_MARK
+
+    fits = " ".join(str(v) for v in df["fit"]) if "fit" in df.columns else ""
+    legend = []
+    if BUDGET_MARK in fits:
+        legend.append(f"{BUDGET_MARK} budget-limited: the budget ended the training before validation converged")
+    if UNTRAINED_MARK in fits:
+        legend.append(f"{UNTRAINED_MARK} kept its untrained state: no validation beat step 0's (see es_gain)")
+    table = Table(title=title, caption="; ".join(legend) or None)
     for c in df.columns:
         table.add_column(c)
     for row in df.iter_rows():

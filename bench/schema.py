@@ -37,6 +37,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("drawdown", "mend", False, ci=True, required=True, summary=True,
            description="loc_acc_pre - loc_acc_post (generation: ppl_post / ppl_pre - 1)"),
     Metric("es_pre", "mend", None, description="ES of the unedited model"),
+    Metric("es_gain", "mend", True, ci=True, summary=True,
+           description="es - es_pre on the same edit: what the edit added over the unedited model (0: no edit)"),
     Metric("ppl_pre", "mend", None, description="locality passage perplexity before (generation)"),
     Metric("ppl_post", "mend", False, description="... after (generation)"),
     Metric("token_acc_edit", "easyedit", True, ci=True, description="token accuracy on x_e (reliability)"),
@@ -76,6 +78,6 @@ WITH_CI: tuple[str, ...] = tuple(m.name for m in METRICS if m.ci)
 #: Every trial's run carries at least these, with the CI half-widths of those that have one (others may be added).
 REQUIRED: tuple[str, ...] = tuple(m.name for m in METRICS if m.required) + tuple(
     f"{m.name}_ci95" for m in METRICS if m.required and m.ci)
-#: Metrics shown in ``bench.run``'s printed summary, in this order (ES with its CI).
+#: Metrics shown in ``bench.run``'s printed summary, in this order (ES and its gain with their CIs).
 SUMMARY: tuple[str, ...] = tuple(x for m in METRICS if m.summary
-                                 for x in ((m.name, f"{m.name}_ci95") if m.name == "es" else (m.name,)))
+                                 for x in ((m.name, f"{m.name}_ci95") if m.name in ("es", "es_gain") else (m.name,)))

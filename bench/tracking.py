@@ -28,9 +28,14 @@ SWEEP_ID_TAG = "sweep_id"
 CONFIG_DIGEST_TAG = "editbench.config_digest"
 END_REASON_TAG = "editbench.end_reason"
 KIND_TAG = "editbench.kind"
-#: Why the editor's training ended (``methods.base.STOP_REASONS``): converged, or budget-limited (max_steps,
-#: max_seconds), or untrained (editors without a fit step).
+#: Why the editor's training ended (``methods.base.STOP_REASONS``): converged, diverged (kept its untrained
+#: state), or budget-limited (max_steps, max_seconds), or untrained (editors without a fit step).
 FIT_STOP_TAG = "editbench.fit_stop"
+#: Set on runs whose learned editor kept its untrained state (``FitResult.kept_initial_text``): step 0's and the
+#: best later validation's loss and ES, and the validation ES at each validation.
+FIT_KEPT_INITIAL_TAG = "editbench.fit_kept_initial"
+#: The checkpoint selection that chose a learned editor's state (``methods.base.Budget.selection``).
+FIT_SELECT_TAG = "editbench.fit_select"
 #: Digest of everything that determines a learned editor's training (see ``bench.trial.training_keys``), and the
 #: run whose checkpoint a trial loaded instead of training.
 TRAIN_KEY_TAG = "editbench.train_key"

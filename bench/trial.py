@@ -31,7 +31,7 @@ from bench.schema import REQUIRED, STYLES
 from bench.models import load_model
 from bench.prepare import generation_targets, prepare_base
 from methods import Budget, FitResult, get_editor
-from methods.base import weights_digest
+from methods.base import budget_digest_fields, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,10 @@ def training_keys(cfg: Mapping[str, Any], editor: Any, model: Any, task: Any, ba
             "hparams": editor.hparams.model_dump(mode="json"), "budget": full,
             "model": cfg["model"]["name"], "base_model": base_key, "edit_params": list(model.edit_params),
             "seed": int(cfg["seed"]), "train": _records_digest(task["train"]), "val": _records_digest(task["val"])}
-    conv = {**blob, "budget": {k: full[k] for k in ("batch_size", "grad_accum")}, "key": "convergence"}
+    # The checkpoint selection decides what "converged" kept: it stays in the convergence key (when not default).
+    conv = {**blob, "budget": budget_digest_fields({k: full[k] for k in ("batch_size", "grad_accum", "select",
+                                                                         "loc_floor")}), "key": "convergence"}
+    blob["budget"] = budget_digest_fields(full)
     return tuple(hashlib.sha256(json.dumps(b, sort_keys=True).encode()).hexdigest()[:32]  # type: ignore[return-value]
                  for b in (blob, conv))
 
@@ -82,7 +85,10 @@ def _load_trained(editor: Any, uri: str, source: Any) -> FitResult:
     m, t = source.data.metrics, source.data.tags
     return FitResult(steps=int(m.get("train_steps", 0)), seconds=0.0, best_step=int(m.get("train_best_step", 0)),
                      best={k[len("best_"):]: v for k, v in m.items() if k.startswith("best_")},
-                     stop_reason=t.get(tracking.FIT_STOP_TAG, "untrained"))
+                     stop_reason=t.get(tracking.FIT_STOP_TAG, "untrained"),
+                     history=[{"step": 0.0, "val_loss": m["init_val_loss"], "val_es": m["init_val_es"]}]
+                     if "init_val_loss" in m and "init_val_es" in m else [],
+                     select=t.get(tracking.FIT_SELECT_TAG, "val_loss"))
 
 
 @dataclass
@@ -255,6 +261,12 @@ def _build_and_fit(spec: TrialSpec, data: _Prepared, run: Any, tracking_uri: str
     digest_after = weights_digest(model)
     run.set_tags({"base_weights_sha256.before": digest_before, "base_weights_sha256.after": digest_after,
                   "base_model_changed": str(digest_before != digest_after), tracking.FIT_STOP_TAG: fit.stop_reason})
+    if editor_cls.learned:
+        run.set_tags({tracking.FIT_SELECT_TAG: fit.select})
+        kept = (source.data.tags.get(tracking.FIT_KEPT_INITIAL_TAG, "") if source is not None
+                else fit.kept_initial_text())
+        if kept:
+            run.set_tags({tracking.FIT_KEPT_INITIAL_TAG: kept})
     return _Fitted(editor, fit, fit_s, fit_mem.mb if editor_cls.has_fit_step else 0.0, source, state_dir,
                    digest_after)
 
@@ -276,6 +288,8 @@ def _log_results(spec: TrialSpec, run: Any, data: _Prepared, fitted: _Fitted, re
         metrics.update({"source_train_time_s": source.data.metrics.get("train_time_s", float("nan")),
                         "train_peak_mem_mb": source.data.metrics.get("train_peak_mem_mb", float("nan"))})
     metrics.update({f"best_{k}": v for k, v in fit.best.items()})
+    if fit.history:  # the untrained editor's validation: what the chosen checkpoint improved on
+        metrics.update({"init_val_loss": fit.history[0]["val_loss"], "init_val_es": fit.history[0]["val_es"]})
     run.log_metrics(metrics)
     run.log_table(result.rows)
     if fitted.editor.modules():

@@ -23,10 +23,10 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor
 
 from bench.data.batches import EditBatch
@@ -77,11 +77,56 @@ class Budget(BaseModel):
     patience: PositiveInt = 5
     batch_size: PositiveInt = 1
     grad_accum: PositiveInt = 1
+    #: Which validation chooses the checkpoint the editor keeps (and what patience counts).
+    select: Literal["val_loss", "val_es"] = Field(
+        default="val_loss",
+        description="val_loss: the lowest c_edit * L_e + c_loc * L_loc, the authors' early-stop key (it keeps "
+                    "an editor that does nothing whenever the edit term gains less than the locality term, zero "
+                    "at step 0, loses); val_es: the highest validation ES (ties: lower val_loss) among "
+                    "validations whose locality agreement is at least loc_floor")
+    loc_floor: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="with select: val_es, the least validation locality agreement (share of locality positions "
+                    "whose argmax is unchanged) a checkpoint needs to be chosen")
+
+    @model_validator(mode="after")
+    def _floor_needs_es(self) -> "Budget":
+        if self.loc_floor is not None and self.select != "val_es":
+            raise ValueError(f"loc_floor applies to select: val_es only (select is {self.select!r}): set select: "
+                             "val_es or drop loc_floor")
+        return self
+
+    def selection(self) -> str:
+        """The checkpoint selection in words, as runs record it (``editbench.fit_select``)."""
+        if self.select == "val_loss":
+            return "val_loss (lowest; the authors' key)"
+        floor = f", loc_agree >= {self.loc_floor:g}" if self.loc_floor is not None else ""
+        return f"val_es (highest{floor}; ties: lower val_loss)"
+
+    def better(self, cur: Mapping[str, float], best: Mapping[str, float]) -> bool:
+        """Whether validation ``cur`` is a better checkpoint than ``best`` under :attr:`select`."""
+        if self.select == "val_loss":
+            return cur["val_loss"] < best["val_loss"]
+        if self.loc_floor is not None and cur.get("val_loc_agree", 1.0) < self.loc_floor:
+            return False
+        return (cur["val_es"], -cur["val_loss"]) > (best["val_es"], -best["val_loss"])
 
 
-#: Why a fit ended. Only ``converged`` (patience on validation ran out) is a finished training; ``max_steps`` and
-#: ``max_seconds`` mean the budget ended it while validation had not stopped improving (budget-limited).
-STOP_REASONS = ("untrained", "converged", "max_steps", "max_seconds")
+#: Budget fields added after digests were first taken: left out of a digest while at their default, so sweeps
+#: that do not set them keep their config digests (``--resume``).
+SELECTION_DEFAULTS: dict[str, Any] = {"select": "val_loss", "loc_floor": None}
+
+
+def budget_digest_fields(budget: Mapping[str, Any]) -> dict[str, Any]:
+    """``budget`` (a :class:`Budget` dump) without the selection fields that are at their default."""
+    return {k: v for k, v in budget.items() if not (k in SELECTION_DEFAULTS and v == SELECTION_DEFAULTS[k])}
+
+
+#: Why a fit ended. Only ``converged`` (patience on validation ran out after the editor improved on its untrained
+#: state) is a finished training; ``diverged``: patience ran out and no validation was better than step 0's, so
+#: the editor kept its untrained state; ``max_steps`` and ``max_seconds`` mean the budget ended it while
+#: validation had not stopped improving (budget-limited).
+STOP_REASONS = ("untrained", "converged", "diverged", "max_steps", "max_seconds")
 BUDGET_LIMITED = ("max_steps", "max_seconds")
 
 
@@ -97,11 +142,35 @@ class FitResult:
     stop_reason: str = "untrained"
     val_seconds: float = 0.0  #: of ``seconds``, the time spent validating
     resumed_step: int = 0  #: the step a resumed fit continued from (0: it started from scratch)
+    #: Every validation: ``{"step", "val_loss", "val_es"}`` (and ``val_loc_agree``), step 0 first.
+    history: list[dict[str, float]] = field(default_factory=list)
+    select: str = "val_loss"  #: the checkpoint selection that chose ``best_step`` (:meth:`Budget.selection`)
 
     @property
     def budget_limited(self) -> bool:
         """True when the step or time budget, not convergence on validation, ended the training."""
         return self.stop_reason in BUDGET_LIMITED
+
+    @property
+    def kept_initial(self) -> bool:
+        """True when the editor trained but kept its untrained state (step 0 was the best validation): its
+        results are the untrained editor's, which for MEND / ENN / KE at init is (nearly) no edit at all."""
+        return self.steps > 0 and self.best_step == 0 and self.stop_reason != "untrained"
+
+    def kept_initial_text(self) -> str:
+        """What a run's ``editbench.fit_kept_initial`` tag says: the losses and ES at step 0 and at the best later
+        validation, and the validation ES at each validation. Empty unless :attr:`kept_initial`."""
+        if not self.kept_initial or not self.history:
+            return ""
+        first, later = self.history[0], self.history[1:]
+        text = (f"kept its untrained state after {self.steps} steps ({self.select}): step 0 val_loss "
+                f"{first['val_loss']:.4g}, val_es {first['val_es']:.3f}")
+        if later:
+            b = min(later, key=lambda h: h["val_loss"]) if self.select.startswith("val_loss") else max(
+                later, key=lambda h: (h["val_es"], -h["val_loss"]))
+            text += f"; best later: step {b['step']:.0f} val_loss {b['val_loss']:.4g}, val_es {b['val_es']:.3f}"
+        return text + "; val_es per validation: " + " ".join(f"{h['step']:.0f}:{h['val_es']:.3f}"
+                                                              for h in self.history)
 
 
 class Editor:
@@ -306,9 +375,11 @@ class LearnedEditor(Editor):
     Each step samples edits (x_e, y_e) with their equivalence inputs x'_e and locality inputs x_loc from the
     training split, edits, and minimises ``c_edit * L_e + c_loc * L_loc (+ extra_loss)`` with Adam over
     :meth:`param_groups`, with gradient accumulation and norm clipping. Every ``val_every`` steps it validates on
-    a fixed slice of the validation split (normalisers frozen), logs ``val_*`` metrics, keeps the state with the
-    lowest validation loss (the official code's early-stop key) and stops after ``patience`` validations
-    without improvement or when the step/time budget is spent. The best state is loaded at the end.
+    a fixed slice of the validation split (normalisers frozen), logs ``val_*`` metrics, keeps the best state under
+    the budget's ``select`` (by default the lowest validation loss, the official code's early-stop key; or the
+    highest validation ES above a locality floor) and stops after ``patience`` validations without improvement
+    or when the step/time budget is spent. The best state is loaded at the end; a fit whose best state is the
+    untrained one says so (:attr:`FitResult.kept_initial`, stop reason ``diverged`` when patience ended it).
     Subclasses implement :meth:`edit` (differentiable w.r.t. their parameters while training) and
     :meth:`param_groups`.
     """
@@ -319,6 +390,7 @@ class LearnedEditor(Editor):
     #: What every validation reports (``log_fn`` and so a Tune scheduler see them), with the better direction.
     validation_metrics: ClassVar[dict[str, str]] = {
         "val_es": "max", "val_edit_acc": "max", "val_loss": "min", "val_L_e": "min", "val_L_loc": "min",
+        "val_loc_agree": "max",
     }
 
     @staticmethod
@@ -347,7 +419,7 @@ class LearnedEditor(Editor):
 
     def _losses(self, records: Sequence[EditRecord]) -> dict[str, Tensor]:
         from bench.data.batches import edit_batch, equiv_batch, loc_batch, stack_batches
-        from bench.losses import argmax_scores, kl_div, loc_mask, nll
+        from bench.losses import argmax_agreement, argmax_scores, kl_div, loc_mask, nll
 
         m = self.model
         eb, qb, lb = edit_batch(m, records), equiv_batch(m, records), loc_batch(m, records)
@@ -359,7 +431,8 @@ class LearnedEditor(Editor):
         post_q = both[: len(qb), : qb.labels.shape[1]]
         post_l = both[len(qb) :, : lb.labels.shape[1]]
         l_e = nll(post_q, qb.labels)
-        l_loc = kl_div(pre, post_l, loc_mask(lb.inputs, lb.labels, m.kind))
+        mask = loc_mask(lb.inputs, lb.labels, m.kind)
+        l_loc = kl_div(pre, post_l, mask)
         loss = self.hparams.c_edit * l_e + self.hparams.c_loc * l_loc
         extra = self.extra_loss(records)
         out = {"loss": loss if extra is None else loss + extra, "L_e": l_e, "L_loc": l_loc,
@@ -369,10 +442,12 @@ class LearnedEditor(Editor):
         if not self.training:
             with torch.no_grad():
                 out["edit_acc"] = argmax_scores(m.logits(eb.inputs, edit.deltas), eb.labels)[0].float().mean()
+                out["loc_agree"] = argmax_agreement(pre, post_l.detach(), mask).mean()
         return out
 
     def validate(self, val: Sequence[EditRecord], batch_size: int = 1) -> dict[str, float]:
-        """Mean ``val_loss``, ``val_L_e``, ``val_L_loc``, ``val_es``, ``val_edit_acc`` over ``val`` (frozen editor)."""
+        """Mean ``val_loss``, ``val_L_e``, ``val_L_loc``, ``val_es``, ``val_edit_acc``, ``val_loc_agree`` over
+        ``val`` (frozen editor)."""
         was = self.training
         self.train(False)
         sums: dict[str, float] = {}
@@ -437,6 +512,7 @@ class LearnedEditor(Editor):
             log.info("%s step 0: %s", self.name, _fmt(best))
             best_state = {k: v.clone() for k, v in self.state_dict().items()}
             best_step, bad, step = 0, 0, 0
+            history = [_point(0, best)]
         else:  # continue exactly where the saved state left off
             self.load_state_dict(saved["editor"])
             opt.load_state_dict(saved["opt"])
@@ -444,7 +520,7 @@ class LearnedEditor(Editor):
             torch.set_rng_state(saved["torch_rng"])
             best, best_state, best_step, bad, step = (saved["best"], saved["best_state"], saved["best_step"],
                                                       saved["bad"], saved["step"])
-            val_s, running = saved["val_s"], saved["running"]
+            val_s, running, history = saved["val_s"], saved["running"], saved["history"]
             t0 -= saved["elapsed"]
             log.info("%s: resumed at step %d (best %d) from %s", self.name, step, best_step, saver.path)
         resumed_step = step
@@ -472,31 +548,35 @@ class LearnedEditor(Editor):
                 cur["elapsed_s"] = time.time() - t0
                 log_fn(step, cur)
                 log.info("%s step %d: %s", self.name, step, _fmt(cur))
-                if cur["val_loss"] < best["val_loss"]:
+                history.append(_point(step, cur))
+                if budget.better(cur, best):
                     best, best_state, best_step, bad = cur, {k: v.clone() for k, v in self.state_dict().items()}, step, 0
                 else:
                     bad += 1
                     if bad >= budget.patience:
                         log.info("%s: early stop at step %d (best %d)", self.name, step, best_step)
-                        reason = "converged"
+                        reason = "converged" if best_step > 0 else "diverged"
                         break
                 if saver is not None and not out_of_time and step < budget.max_steps:
                     saver.save({"done": False, "step": step, "editor": self.state_dict(), "opt": opt.state_dict(),
                                 "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "best": best,
                                 "best_state": best_state, "best_step": best_step, "bad": bad, "val_s": val_s,
-                                "running": running, "elapsed": time.time() - t0})
+                                "running": running, "history": history, "elapsed": time.time() - t0})
             if out_of_time:
                 log.info("%s: time budget spent at step %d", self.name, step)
                 reason = "max_seconds"
                 break
         self.train(False)
         self.load_state_dict(best_state)
-        if reason != "converged":
+        if reason in BUDGET_LIMITED:
             log.info("%s: budget-limited (%s) at step %d; last validation improvement at step %d", self.name,
                      reason, step, best_step)
         result = FitResult(steps=step, seconds=time.time() - t0, best_step=best_step,
                            best={k: v for k, v in best.items() if k != "elapsed_s"}, stop_reason=reason,
-                           val_seconds=val_s, resumed_step=resumed_step)
+                           val_seconds=val_s, resumed_step=resumed_step, history=history,
+                           select=budget.selection())
+        if result.kept_initial:
+            log.warning("%s: %s", self.name, result.kept_initial_text())
         if saver is not None:  # a crash before the caller has used the result then costs no training
             saver.save({"done": True, "best_state": best_state, "result": dataclasses.asdict(result)}, force=True)
         return result
@@ -555,6 +635,12 @@ def make_adam(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         return torch.optim.Adam(groups, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(groups)
+
+
+def _point(step: int, metrics: Mapping[str, float]) -> dict[str, float]:
+    """One validation as :attr:`FitResult.history` keeps it."""
+    return {"step": float(step), **{k: float(metrics[k]) for k in ("val_loss", "val_es", "val_loc_agree")
+                                    if k in metrics}}
 
 
 def _fmt(metrics: Mapping[str, float]) -> str:

@@ -210,3 +210,90 @@ def test_reuse_converged_loads_the_same_editor_trained_to_convergence_under_any_
     assert loaded[0][2] == "converged" and loaded[0][3] == str(int(src["train_steps"][0]))
     curves = report.validation_curves(uri, report.trained_runs(report.load_runs(uri, "default")))
     assert len(next(iter(c for c in curves.values() if len(c) == int(src["train_steps"][0]) + 1))) > 3
+
+
+def test_a_fit_that_never_beats_step_0_diverged_and_kept_its_untrained_state(zsre) -> None:
+    """Patience that runs out with step 0 still the best is not convergence: the stop reason says diverged, the
+    result says it kept its untrained state, and the text names step 0's loss and ES and every validation's ES."""
+    import torch
+
+    torch.manual_seed(0)
+    ed = MEND(tiny("tiny-gpt2"), {"lr": 10.0, "rank": 8, "edit_lr": 1.0})  # an lr that wrecks the editor
+    init = {k: v.clone() for k, v in ed.state_dict().items()}
+    fit = ed.fit(zsre["train"], zsre["val"], Budget(max_steps=40, val_every=1, val_edits=2, patience=2))
+    assert fit.stop_reason == "diverged" and fit.best_step == 0 and fit.steps == 2 and fit.kept_initial
+    assert not fit.budget_limited
+    assert [h["step"] for h in fit.history] == [0.0, 1.0, 2.0]
+    assert all(not h["val_loss"] < fit.history[0]["val_loss"] for h in fit.history[1:])
+    text = fit.kept_initial_text()
+    assert text.startswith("kept its untrained state after 2 steps (val_loss")
+    assert f"step 0 val_loss {fit.history[0]['val_loss']:.4g}" in text
+    assert "val_es per validation: 0:" in text and " 2:" in text
+    state = ed.state_dict()  # the editor it keeps is the untrained one, exactly
+    assert all(torch.equal(state[k], init[k]) for k in init)
+
+
+def test_selecting_by_validation_es_above_a_locality_floor(zsre) -> None:
+    """select: val_es keeps the validation with the highest ES (ties: lower loss) among those whose locality
+    agreement reaches loc_floor: checked against the fit's own validation history."""
+    import torch
+
+    torch.manual_seed(0)
+    ed = MEND(tiny("tiny-gpt2"), {"lr": 1e-3, "rank": 8})
+    budget = Budget(max_steps=6, val_every=1, val_edits=4, patience=50, select="val_es", loc_floor=0.5)
+    fit = ed.fit(zsre["train"], zsre["val"], budget)
+    ok = [h for h in fit.history if h["val_loc_agree"] >= 0.5]
+    want = max(ok, key=lambda h: (h["val_es"], -h["val_loss"], -h["step"]))  # the first of equals is kept
+    assert fit.best_step == int(want["step"])
+    assert fit.select == "val_es (highest, loc_agree >= 0.5; ties: lower val_loss)"
+    assert all(0.0 <= h["val_loc_agree"] <= 1.0 for h in fit.history)
+    assert fit.history[0]["val_loc_agree"] > 0.99  # MEND at init barely moves the locality argmax
+
+
+def test_loc_floor_without_select_val_es_is_refused() -> None:
+    with pytest.raises(ValueError, match="loc_floor applies to select: val_es only"):
+        Budget(loc_floor=0.9)
+    with pytest.raises(ValueError, match="select"):
+        Budget(select="val_acc")  # type: ignore[arg-type]
+
+
+def test_a_kept_untrained_editor_is_marked_in_tags_summary_and_report_with_its_gain(tmp_path: Path) -> None:
+    """A trial whose MEND kept its untrained state: the run's tags say so (and which key chose it), the summary's
+    fit column and every report table with its result carry the mark, and ES is shown beside its gain over the
+    unedited model (the per-edit es minus es_pre, recomputed here from the run's table)."""
+    import mlflow
+    import polars as pl
+
+    from bench import report
+    from bench.run import _summary
+    from bench.tracking import FIT_KEPT_INITIAL_TAG, FIT_SELECT_TAG
+
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    prepare_experiment(uri, "kept")
+    sweep = Sweep(name="kept", n_edits=4, models=["tiny-gpt2"], datasets=[{"name": "zsre", "n_train": 16,
+                                                                           "n_val": 4}],
+                  methods=[{"name": "mend", "hparams": {"lr": 10.0, "rank": 8, "edit_lr": 1.0},
+                            "budget": {"max_steps": 40, "val_every": 1, "val_edits": 2, "patience": 2}}])
+    todo = trials(sweep, plan(sweep))
+    metrics = run_trial(todo[0], uri, "kept")
+    df = runs_frame(uri, "kept")
+    row = df.to_dicts()[0]
+    assert row[f"t.{FIT_STOP_TAG}"] == "diverged"
+    assert row[f"t.{FIT_KEPT_INITIAL_TAG}"].startswith("kept its untrained state after 2 steps")
+    assert row[f"t.{FIT_SELECT_TAG}"] == "val_loss (lowest; the authors' key)"
+    c = mlflow.MlflowClient(uri)
+    table = pl.read_parquet(c.download_artifacts(row["run_id"], "per_edit.parquet", str(tmp_path)))
+    assert metrics["es_gain"] == pytest.approx(float((table["es"] - table["es_pre"]).mean()))
+    assert metrics["init_val_es"] == metrics["best_val_es"]  # the chosen checkpoint is step 0's
+    summary = _summary(uri, "kept", {t["config_digest"] for t in todo})
+    assert list(summary["fit"]) == [f"diverged{report.UNTRAINED_MARK} (step 2, kept 0)"]
+    assert "es_gain" in summary.columns
+    rep = report.build(uri, "kept", tmp_path / "rep", ["md"])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    section = md.split(f"## {report.TITLES['results']}")[1].split("\n## ")[0]
+    mend_row = next(line for line in section.splitlines() if line.startswith("| mend"))
+    assert report.UNTRAINED_MARK in mend_row and "gain " in mend_row and report.BUDGET_MARK not in mend_row
+    assert "kept its untrained state: no validation after step 0 beat step 0's" in section
+    header, rows = rep.tables["training"]
+    assert rows[0][2] == f"diverged {report.UNTRAINED_MARK}" and rows[0][header.index("chosen by")] == "val_loss"
+    assert rows[0][header.index("val ES (step 0)")] == rows[0][header.index("val ES")]
