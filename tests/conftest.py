@@ -81,3 +81,54 @@ def reap(procs: list) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=30)
+
+
+def greedy_es(model: EditableModel, prompt: str, target: str, deltas: dict | None = None) -> float:
+    """Edit success computed apart from the suite's scoring code: 1.0 when the causal model, fed ``prompt`` and
+    then each target token in turn, predicts every next target token as its argmax (the same as greedy decoding
+    producing `` target`` as a prefix), one forward pass per token on unpadded ids."""
+    tok = model.tokenizer
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    want = tok(" " + target.lstrip(), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for t in want:
+            x = torch.tensor([ids], device=model.device)
+            logits = model.logits({"input_ids": x, "attention_mask": torch.ones_like(x)}, deltas)[0, -1]
+            if int(logits.argmax()) != t:
+                return 0.0
+            ids = ids + [t]
+    return 1.0
+
+
+def target_logprob(model: EditableModel, prompt: str, target: str, deltas: dict | None = None) -> float:
+    """Mean log-probability per token of `` target`` after ``prompt`` on a causal model, from one forward pass on
+    unpadded ids (computed apart from the suite's batching and scoring)."""
+    tok = model.tokenizer
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    t = tok(" " + target.lstrip(), add_special_tokens=False)["input_ids"]
+    x = torch.tensor([p + t], device=model.device)
+    with torch.no_grad():
+        lp = torch.log_softmax(model.logits({"input_ids": x, "attention_mask": torch.ones_like(x)}, deltas)[0], -1)
+    return float(sum(lp[len(p) - 1 + j, tid] for j, tid in enumerate(t)) / len(t))
+
+
+def autograd_weight_grads(model: EditableModel, batch, shift: dict | None = None, reduce: str = "sum"
+                          ) -> dict[str, torch.Tensor]:
+    """d(loss)/dW of every edited weight by plain autograd, the reference the editors' gradients are checked
+    against: the weights (plus ``shift``) as leaf tensors through ``torch.func.functional_call``, the loss each
+    request's mean target-token NLL written out here (log-softmax and gather), summed (``reduce="sum"``: MEND's
+    and KE's edit loss) or averaged (``"mean"``: ENN's) over requests. No trace, factorisation or loss of the
+    suite is involved."""
+    shift = shift or {}
+    ws = {n: (w + shift[n] if n in shift else w).detach().clone().requires_grad_()
+          for n, w in model.weights().items()}
+    params = {n: ws.get(n, p) for n, p in model.model.named_parameters()}
+    logits = torch.func.functional_call(model.model, params, args=(), kwargs=batch.inputs).logits
+    if model.kind == "classifier":
+        logits = logits.unsqueeze(1)
+    mask = batch.labels != -100
+    picked = torch.log_softmax(logits.float() if logits.dtype == torch.float16 else logits, -1).gather(
+        -1, batch.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    per_request = -picked.sum(-1) / mask.sum(-1)
+    loss = per_request.sum() if reduce == "sum" else per_request.mean()
+    return dict(zip(ws, torch.autograd.grad(loss, list(ws.values()))))

@@ -12,7 +12,7 @@ from methods import Budget
 from methods.base import weights_digest
 from methods.enn import ENN
 from methods.ke import KE
-from tests.conftest import tiny
+from tests.conftest import autograd_weight_grads, tiny
 
 KE_SMALL = {"hidden_dim": 32, "condition_dim": 32, "lr": 1e-2}
 
@@ -65,10 +65,10 @@ def test_enn_training_changes_the_base_and_c_base_keeps_it_close(zsre) -> None:
         before = weights_digest(m)
         torch.manual_seed(0)
         ed = ENN(m, {"lr": 3e-3, "c_loc": 0.0, "c_edit": 1.0, "c_base": c_base})
-        ed.fit(zsre["train"], zsre["val"][:4], Budget(max_steps=30, val_every=30, patience=10))
+        fit = ed.fit(zsre["train"], zsre["val"][:4], Budget(max_steps=30, val_every=30, patience=10))
         ed.train(False)
-        # fit keeps the best state; force the final one to compare the anchors fairly
-        assert weights_digest(m) != before or c_base == 1.0
+        # fit keeps the best state: the trained one in both runs, so the anchors are compared fairly
+        assert fit.best_step == 30 and weights_digest(m) != before
         results[c_base] = _kl_to_original(m, orig, probe, mask)
         assert all(not w.requires_grad for w in m.weights().values())
     assert results[1.0] < results[0.0], results
@@ -93,13 +93,54 @@ def test_enn_edit_leaves_no_state_and_round_trips(tmp_path, zsre) -> None:
 
 
 @pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama"])  # Conv1D and Linear
-def test_ke_edit_at_init_is_well_defined(alias, zsre) -> None:
+def test_ke_update_is_the_conditioned_mask_and_shift_of_the_gradient_by_hand(alias, zsre) -> None:
+    """KE's update for each request, by hand: its condition c, the conditioner net's outputs split into col_a,
+    row_a, col_b, row_b and n, a = softmax(row_a)ᵀ col_a, b = softmax(row_b)ᵀ col_b and
+    dW = max_scale · σ(n) · (∇W · a + b) with ∇W the request's own loss gradient by autograd; a batch of two is
+    the sum of the two requests' updates computed that way."""
     m = tiny(alias)
-    ed = KE(m, KE_SMALL)
-    e = ed.edit(edit_batch(m, zsre["test"][:2]))
-    for n, w in m.weights().items():
-        assert e.deltas[n].shape == w.shape and torch.isfinite(e.deltas[n]).all()
-        assert e.deltas[n].abs().sum() > 0
+    torch.manual_seed(0)
+    ed = KE(m, {**KE_SMALL, "max_scale": 0.5})
+    recs = list(zsre["test"][:2])
+    got = ed.edit(edit_batch(m, recs)).deltas
+    want = {n: torch.zeros_like(w) for n, w in m.weights().items()}
+    for r in recs:
+        one = edit_batch(m, [r])
+        grads = autograd_weight_grads(m, one)
+        with torch.no_grad():
+            c = ed.condition(one)
+            for n, w in m.weights().items():
+                rows, cols = w.shape
+                out = ed.params[n.replace(".", "__")].net(c)[0]
+                col_a, row_a = out[:cols], out[cols : cols + rows]
+                col_b, row_b = out[cols + rows : 2 * cols + rows], out[2 * cols + rows : 2 * (cols + rows)]
+                a = torch.outer(row_a.softmax(0), col_a)
+                b = torch.outer(row_b.softmax(0), col_b)
+                want[n] += 0.5 * torch.sigmoid(out[-1]) * (grads[n] * a + b)
+    for n in m.edit_params:
+        scale = float(want[n].abs().max())
+        assert scale > 0 and torch.allclose(got[n], want[n], atol=1e-5 * scale), n
+
+
+@pytest.mark.parametrize("n_steps", [1, 2])
+def test_enn_edit_is_gradient_descent_with_its_learned_step_sizes(n_steps: int, zsre) -> None:
+    """ENN's edit is n_steps of W <- W - lr_i ∇W L_e with each weight's learned step size, the gradient taken
+    by autograd on a copy of the network at the weights reached so far (independent of ENN's functional path)."""
+    m = load_model("tiny-gpt2", dtype=torch.float64)
+    ed = ENN(m, {"inner_lr": 0.05, "n_steps": n_steps})
+    with torch.no_grad():  # distinct step sizes, so a weight paired with another's lr shows
+        ed.steps.lr.copy_(torch.linspace(0.02, 0.08, len(ed.steps.lr), dtype=ed.steps.lr.dtype))
+    b = edit_batch(m, zsre["test"][:2])
+    got = ed.edit(b).deltas
+    want = {n: torch.zeros_like(w) for n, w in m.weights().items()}
+    for _ in range(n_steps):
+        grads = autograd_weight_grads(m, b, shift=want, reduce="mean")
+        want = {n: want[n] - ed.steps.lr[i].detach() * grads[n] for i, n in enumerate(m.edit_params)}
+    for n in m.edit_params:
+        assert torch.allclose(got[n], want[n], rtol=1e-6, atol=1e-10 * float(want[n].abs().max())), n
+    if n_steps == 2:  # the second step's gradient is taken at W + the first step (not at W again)
+        first = {n: -ed.steps.lr[i].detach() * g for i, (n, g) in enumerate(autograd_weight_grads(m, b, reduce="mean").items())}
+        assert not all(torch.allclose(got[n], 2 * first[n], rtol=1e-3) for n in m.edit_params)
 
 
 def test_ke_conditioner_depends_on_the_edit_text() -> None:
@@ -118,8 +159,8 @@ def test_ke_short_training_improves_validation_and_round_trips(tmp_path, zsre) -
     untrained = ed.validate(val)
     ed.fit(zsre["train"], val, Budget(max_steps=40, val_every=20, patience=5))
     trained = ed.validate(val)
+    # (ES stays 0 on a tiny random model in 40 steps; the losses are what can move)
     assert trained["val_loss"] < untrained["val_loss"] and trained["val_L_e"] < untrained["val_L_e"]
-    assert trained["val_es"] >= untrained["val_es"]
     assert weights_digest(m) == before
     b = edit_batch(m, zsre["test"][:2])
     path = ed.save(tmp_path / "ke")
@@ -127,10 +168,6 @@ def test_ke_short_training_improves_validation_and_round_trips(tmp_path, zsre) -
     other.load(path)
     e1, e2 = ed.edit(b), other.edit(b)
     assert all(torch.equal(e1.deltas[n], e2.deltas[n]) for n in m.edit_params)
-    # stateless, and a batched KE edit is the sum of its requests' edits
-    singles = [ed.edit(edit_batch(m, [r])) for r in zsre["test"][:2]]
-    for n in m.edit_params:
-        assert torch.allclose(e1.deltas[n], singles[0].deltas[n] + singles[1].deltas[n], atol=1e-6)
 
 
 def test_enn_meta_trains_every_base_weight_or_only_the_edited_ones(zsre) -> None:

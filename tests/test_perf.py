@@ -1,4 +1,5 @@
-"""bench.perf produces every promised key (values are measured, never asserted against targets here)."""
+"""bench.perf produces every promised key, each ratio the quotient of its own run's absolute times (values are
+measured, never asserted against targets here)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ def test_perf_writes_every_key_on_a_tiny_model(tmp_path, capsys) -> None:
         assert key in res, key
     assert all(res[k] > 0 and math.isfinite(res[k]) for k in res if k.startswith(("ratio.", "abs.")))
     assert res["mem.mend_train_mb"] >= 0 and "ratio.mend_edit" in capsys.readouterr().out
+    # Each ratio is the quotient of the absolute times measured in the same run, as the module promises.
+    assert res["ratio.mend_edit"] == res["abs.mend_edit_s"] / res["abs.full_fwd_bwd_s"]
+    assert res["ratio.mend_train_step"] == res["abs.mend_train_step_s"] / res["abs.mend_components_s"]
+    assert res["ratio.ft_edit"] == res["abs.ft_edit_s"] / (2 * res["abs.edit_params_fwd_bwd_s"])
+    parts = [v for k, v in res.items() if k.startswith("abs.component.")]
+    assert len(parts) == 4 and res["abs.mend_components_s"] == sum(parts)
+    for name in ("enn", "ke"):  # every other learned editor's training memory, against MEND's
+        assert res[f"ratio.mend_over_{name}_train_mem"] == res["mem.mend_train_mb"] / max(res[f"mem.{name}_train_mb"],
+                                                                                           1e-9)
 
 
 def test_perf_rejects_bad_arguments(capsys) -> None:

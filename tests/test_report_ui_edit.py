@@ -37,6 +37,39 @@ def store(tmp_path_factory):
     return uri, tmp
 
 
+def _from_per_edit_tables(uri: str, tmp) -> dict[tuple[str, int], dict[str, tuple[float, float]]]:
+    """(method, edit batch size) -> metric -> (mean, 95% CI half-width 1.96 s / sqrt(n)) computed with numpy from
+    each trial run's ``per_edit.parquet``, after checking that the run's logged metrics are those numbers."""
+    import math
+
+    import mlflow
+    import numpy as np
+    import polars as pl
+
+    c = mlflow.MlflowClient(uri)
+    exp = c.get_experiment_by_name("rep").experiment_id
+    out = {}
+    for run in c.search_runs([exp], "attributes.status = 'FINISHED'"):
+        if run.data.tags.get("editbench.kind"):
+            continue  # the report's own run
+        key = (run.data.params["method"], int(run.data.params["edit_batch_size"]))
+        dst = tmp / f"per_edit_{run.info.run_id}"
+        dst.mkdir()
+        table = pl.read_parquet(c.download_artifacts(run.info.run_id, "per_edit.parquet", str(dst)))
+        assert table.height == 4
+        out[key] = {}
+        for name in ("es", "es_gain", "drawdown", "loc_agree", "loc_kl", "token_acc_rephrase"):
+            v = table[name].to_numpy().astype(float)
+            mean, ci = float(v.mean()), float(1.96 * v.std(ddof=1) / math.sqrt(len(v)))
+            assert run.data.metrics[name] == pytest.approx(mean, abs=1e-12), (key, name)
+            assert run.data.metrics[f"{name}_ci95"] == pytest.approx(ci, abs=1e-12), (key, name)
+            out[key][name] = (mean, ci)
+        es, pre = table["es"].to_numpy(), table["es_pre"].to_numpy()
+        assert np.allclose(table["es_gain"].to_numpy(), es - pre)
+    assert len({round(v["loc_kl"][0], 9) for v in out.values()}) == len(out)  # values that tell the runs apart
+    return out
+
+
 def test_report_tables_match_the_runs(store) -> None:
     uri, tmp = store
     out = tmp / "report"
@@ -44,18 +77,25 @@ def test_report_tables_match_the_runs(store) -> None:
     assert set(rep.tables) == {"table1", "results", "batch", "cost", "training"}
     df = load_runs(uri, "rep")
     assert df.height == 4
+    # Expected values from each run's per-edit table (MLflow artifact), aggregated here with numpy: the chain
+    # per_edit.parquet -> logged metrics -> report cell is checked link by link.
+    want = _from_per_edit_tables(uri, tmp)
     header, rows = rep.tables["results"]
     assert header == ["editor", "zsre / tiny-gpt2"]
     for row in rows:
-        r = df.filter((df["method"] == row[0]) & (df["bs"] == 1)).to_dicts()[0]
-        assert f"ES {r['es']:.3f} ± {r['es_ci95']:.3f}" in row[1] and f"(n={int(r['n_edits'])})" in row[1]
+        w = want[(row[0], 1)]
+        assert f"ES {w['es'][0]:.3f} ± {w['es'][1]:.3f}; gain {w['es_gain'][0]:.3f} ± {w['es_gain'][1]:.3f}; " \
+               f"DD {w['drawdown'][0]:.3f} ± {w['drawdown'][1]:.3f}; agree {w['loc_agree'][0]:.3f} (n=4)" in row[1]
     _, batch_rows = rep.tables["batch"]
     for row in batch_rows:
         for bs, cell in zip((1, 2), row[2:]):
+            w = want[(row[1], bs)]
             r = df.filter((df["method"] == row[1]) & (df["bs"] == bs)).to_dicts()[0]
-            assert cell.removesuffix(" †") == f"ES {r['es']:.3f} / DD {r['drawdown']:.3f}"
-            # mend's 2-step budget ends its training: the cell says so
-            assert cell.endswith("†") == (r["t.editbench.fit_stop"] in ("max_steps", "max_seconds"))
+            assert cell.rstrip("†‡ ") == (f"ES {w['es'][0]:.3f} (gain {w['es_gain'][0]:+.3f}) / "
+                                          f"DD {w['drawdown'][0]:.3f}")
+            # the marks say how the editor's training ended: budget (†), kept its untrained state (‡)
+            assert ("†" in cell) == (r["t.editbench.fit_stop"] in ("max_steps", "max_seconds"))
+            assert ("‡" in cell) == bool(r.get("t.editbench.fit_kept_initial"))
     cost = {r[0]: r for r in rep.tables["cost"][1]}
     trained = df.filter((df["method"] == "mend") & df["t.editbench.trained_from"].is_null())
     assert trained.height == 1  # batch size 2 loaded the editor batch size 1 trained (same training key)
@@ -136,19 +176,23 @@ def test_ui_serves_the_store_on_loopback_and_stops(store) -> None:
     assert f"runs of rep: http://127.0.0.1:{port}/#/experiments/{exp_id}/runs" in out  # the runs table, not GenAI
 
 
-def test_edit_cli_changes_the_output(store, capsys) -> None:
+def test_edit_cli_makes_the_model_say_the_new_answer(store, capsys) -> None:
     uri, _ = store
     df = runs_frame(uri, "rep")
     rid = df.filter((df["p.method"] == "mend") & (df["p.edit_batch_size"] == "1"))["run_id"][0]
     assert edit_main(["--run", rid, "--tracking-uri", uri, "--prompt", "The capital of France is",
-                      "--target", "Rome Rome Rome", "--probe", "Hello", "--then", "Water is=dry",
+                      "--target", "Rome", "--probe", "Hello", "--then", "Water is=dry",
                       "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     before = next(l for l in lines[lines.index("before the edit:"):] if "The capital of France is" in l)
     after_idx = next(i for i, l in enumerate(lines) if l.startswith("after edit 1"))
-    after = next(l for l in lines[after_idx:] if "The capital of France is" in l)
-    assert before != after
+    after = next(l for l in lines[after_idx + 1 :] if "The capital of France is" in l)
+    # the edited model now continues with the new answer (greedy), which the unedited one did not
+    def first_word(line: str) -> str:
+        return (line.split(" -> ", 1)[1].strip("'").split() or [""])[0]
+
+    assert first_word(after) == "Rome" and first_word(before) != "Rome", (before, after)
     assert any(l.startswith("after edit 2 ('Water is' -> 'dry')") for l in lines)
 
 

@@ -290,3 +290,109 @@ def test_p_new_is_the_probability_of_the_new_target_after_the_edit(cf) -> None:
     by_hand = float(sum(logits[len(p_ids) - 1 + j, t] for j, t in enumerate(t_ids)).exp())
     assert res.rows[0]["p_new"] == pytest.approx(by_hand, rel=1e-3, abs=1e-7)
     assert res.metrics["p_new"] == pytest.approx(by_hand, rel=1e-3, abs=1e-7)
+
+
+def _out_in(m, delta: torch.Tensor) -> torch.Tensor:
+    """A weight delta as (out, in), whatever the family's layout (GPT-2's Conv1D stores (in, out))."""
+    return delta.T if m.conv1d else delta
+
+
+def test_second_moment_is_the_mean_of_k_k_transposed_over_the_corpus_windows() -> None:
+    """C against an explicit mean of k kᵀ: the module's inputs captured by a forward hook, one unpadded forward
+    pass per window of the corpus's first tokens, the outer products summed in numpy."""
+    import numpy as np
+
+    from bench.data import resolve_file
+
+    m = tiny("tiny-gpt2")
+    hp = ROME.Hparams(mom2_n_tokens=1000, mom2_seq_len=64)
+    module = m.mlp_out(1)
+    text = resolve_file(hp.mom2_corpus, None).read_text(encoding="utf-8")
+    ids = m.tokenizer(text, add_special_tokens=False)["input_ids"][:1000]
+    seen: list[np.ndarray] = []
+    mod = dict(m.model.named_modules())[module]
+    hook = mod.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0][0].double().numpy()))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(ids), 64):
+                m.model(input_ids=torch.tensor([ids[i : i + 64]]))
+    finally:
+        hook.remove()
+    k = np.concatenate(seen)
+    assert k.shape[0] == 1000
+    want = k.T @ k / k.shape[0]
+    got, _ = second_moment(m, module, hp, None)
+    assert np.allclose(got.numpy(), want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gpt2"])
+def test_rome_updates_only_along_c_inverse_k_star_and_raises_the_target(alias, cf) -> None:
+    """ROME's rank-one update is (v* - W k*) (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k*): any key k' with k'ᵀ C⁻¹ k* = 0 passes
+    unchanged (C⁻¹k* solved here in numpy), keys along C⁻¹k* do not, and the target's probability after the
+    prompt rises (one forward pass, apart from the suite's scoring)."""
+    import numpy as np
+
+    from conftest import target_logprob
+
+    m = tiny(alias)
+    rec = cf["test"][0]
+    ed = ROME(m, SMALL)
+    module = m.mlp_out(ed.layer)
+    edit = ed.edit(edit_batch(m, [rec]))
+    dw = _out_in(m, edit.deltas[f"{module}.weight"]).double().numpy()
+    k_star = keys_at(m, module, [rec], ed.templates())[0].double().numpy()
+    c = second_moment(m, module, ed.hparams, None)[0].numpy()
+    u = np.linalg.solve(c, k_star)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        r = rng.standard_normal(u.shape)
+        k_perp = r - (r @ u) / (u @ u) * u  # k'ᵀ C⁻¹ k* = 0
+        assert np.linalg.norm(dw @ k_perp) < 1e-6 * np.linalg.norm(dw @ u) * np.linalg.norm(k_perp) / np.linalg.norm(u)
+    before = target_logprob(m, rec.prompt, rec.target)
+    after = target_logprob(m, rec.prompt, rec.target, edit.deltas)
+    assert after > before + 0.1, (before, after)
+
+
+def test_a_rome_batch_is_its_edits_composed_in_turn(cf) -> None:
+    """A batch of two requests equals editing the first, then the second on the model with the first applied."""
+    m = tiny("tiny-llama")
+    recs = list(cf["test"][:2])
+    ed = ROME(m, SMALL)
+    both = ed.edit(edit_batch(m, recs))
+    first = ed.edit(edit_batch(m, recs[:1]))
+    with m.applying(first.deltas):
+        second = ed.edit(edit_batch(m, recs[1:]))
+    (name,) = both.deltas
+    composed = first.deltas[name] + second.deltas[name]
+    assert torch.allclose(both.deltas[name], composed, atol=1e-6 * float(composed.abs().max()))
+    assert not torch.allclose(second.deltas[name], ed.edit(edit_batch(m, recs[1:])).deltas[name],
+                              atol=1e-6 * float(composed.abs().max()))  # the second edit saw the first
+
+
+def test_memit_with_lambda_matches_the_normal_equations_solved_in_numpy(cf) -> None:
+    """MEMIT over two layers with λ > 0, replayed in numpy: layer i gets ΔW_i = R_i K_iᵀ (λ C_i + K_i K_iᵀ)⁻¹
+    with K_i the keys and R_i = (Z - H_i) / (L - i) the residual at the top layer, both read with the updates of
+    the layers below applied. λ is large enough here that dropping it changes the answer."""
+    import numpy as np
+
+    m = tiny("tiny-llama")
+    recs = list(cf["test"][:3])
+    ed = MEMIT(m, {**SMALL, "layers": [1, 2], "mom2_update_weight": 50.0})
+    edit = ed.edit(edit_batch(m, recs))
+    top = m.block(2)
+    z = np.stack([optimise_value(m, top, r, ed.templates(), ed.hparams).target.double().numpy() for r in recs], 1)
+    sofar: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate([1, 2]):
+        module = m.mlp_out(layer)
+        name = f"{module}.weight"
+        with m.applying(sofar):
+            k = keys_at(m, module, recs, ed.templates(), weights=ed.key_weights()).double().numpy().T
+            h = io_at(m, top, recs)[1].double().numpy().T
+        r = (z - h) / (2 - i)
+        c = second_moment(m, module, ed.hparams, None)[0].numpy()
+        want = np.linalg.solve(50.0 * c + k @ k.T, k @ r.T).T  # R Kᵀ (λC + KKᵀ)⁻¹, the matrix symmetric
+        got = _out_in(m, edit.deltas[name]).double().numpy()
+        assert np.allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max()), (layer, np.abs(got - want).max())
+        without = np.linalg.solve(k @ k.T + 1e-9 * c, k @ r.T).T
+        assert not np.allclose(want, without, rtol=1e-2)
+        sofar[name] = edit.deltas[name]

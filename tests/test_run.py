@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -112,8 +113,38 @@ def test_plan_is_the_grid(tmp_path: Path) -> None:
 
 
 def test_shipped_sweeps_validate() -> None:
-    for f in sorted((REPO / "sweeps").glob("*.yaml")):
-        assert validate(load_sweep(f), str(f)), f
+    """Every shipped sweep validates into its whole grid: one point per method configuration (list-valued
+    hyper-parameters expanded), model, dataset, seed, batch size and edit mode, each named by its run."""
+    import itertools
+
+    for f in sorted((REPO / "sweeps").glob("*.yaml")):  # (the paper sweeps read the Hub: tested in test_data)
+        doc = yaml.safe_load(f.read_text())
+        sweep = load_sweep(f)
+        points = validate(sweep, str(f))
+        configs = sum(math.prod(len(v) for v in (m.get("hparams") or {}).values() if isinstance(v, list))
+                      for m in doc["methods"])
+        grid = configs * len(doc["models"]) * len(doc["datasets"]) * len(doc.get("seeds", [0])) * len(
+            sweep.edit_batch_size) * len(sweep.edit_mode)
+        assert len(points) == grid, f
+        want = set(itertools.product([m.name for m in sweep.methods], [m.name for m in sweep.models],
+                                     [d.name for d in sweep.datasets]))
+        assert {(p["method"], p["model"]["name"], p["dataset"]["name"]) for p in points} == want, f
+        assert len({p["run_name"] for p in points}) == len(points), f
+
+
+def test_shipped_mend_sweeps_train_with_an_init_that_trains() -> None:
+    """The authors' standard-normal V trains at their editor lr (1e-6); at lr 1e-4 it diverges and the fit keeps
+    its untrained state (issue 36), so every shipped MEND above 1e-5 starts V from Xavier."""
+    for f in sorted((REPO / "sweeps").glob("*.yaml")) + sorted((REPO / "sweeps" / "paper").glob("*.yaml")):
+        for m in load_sweep(f).methods:
+            if m.name != "mend":
+                continue
+            lr = m.hparams.get("lr", REGISTRY["mend"].Hparams().lr)
+            lrs = [lr["lower"], lr["upper"]] if isinstance(lr, dict) else lr if isinstance(lr, list) else [lr]
+            if max(lrs) > 1e-5:
+                assert m.hparams.get("v_init") == "xavier", f.name
+            else:
+                assert m.hparams.get("v_init", "randn") == "randn", f.name
 
 
 def test_samples_of_one_grid_point_share_its_point_digest(tmp_path: Path) -> None:
@@ -185,10 +216,21 @@ def test_tune_lr_tunes_around_the_default_configuration() -> None:
             assert getattr(m.budget, k) == getattr(default[m.name].budget, k), (m.name, k)
 
 
-def test_dry_run_prints_the_plan(capsys) -> None:
+def test_dry_run_prints_the_plan(capsys, tmp_path: Path, monkeypatch) -> None:
+    """The dry run prints one row per trial (method, model, dataset, batch size, seed and the config digest
+    that --resume keys on) and creates no store."""
+    monkeypatch.chdir(tmp_path)
+    sweep = load_sweep(REPO / "sweeps" / "zsre.yaml")
     assert main([str(REPO / "sweeps" / "zsre.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "ft_kl" in out and "smollm2-135m" in out
+    todo = trials(sweep, plan(sweep))
+    assert len(todo) == len(sweep.methods) * len(sweep.models) * len(sweep.seeds) * len(sweep.edit_batch_size)
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+    rows = [r for r in rows if r[0]]  # a wrapped hparams cell continues on a row without a number
+    assert sorted((r[1], r[2], r[3], int(r[4]), int(r[5]), r[-1]) for r in rows) == sorted(
+        (t["method"], t["model"]["name"], t["dataset"]["name"], t["edit_batch_size"], t["seed"], t["config_digest"])
+        for t in todo)
+    assert not (tmp_path / "mlruns.db").exists()
 
 
 @pytest.mark.slow
@@ -198,7 +240,10 @@ def test_ci_sweep_end_to_end_leaves_one_finished_run_per_grid_point(tmp_path: Pa
     out = subprocess.run([sys.executable, "-m", "bench.run", str(REPO / "sweeps" / "ci.yaml"), "--tracking-uri", uri],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "es" in out.stdout and "ft_kl" in out.stdout  # the printed summary table
+    printed = [[c.strip() for c in line.split("│")[1:-1]] for line in out.stdout.splitlines()
+               if line.startswith("│")]  # the summary table's rows (rich), header excluded
+    head = next(line for line in out.stdout.splitlines() if line.startswith("┃"))
+    cols = [c.strip() for c in head.split("┃")[1:-1]]
     from bench.tracking import runs_frame
 
     import polars as pl
@@ -217,7 +262,13 @@ def test_ci_sweep_end_to_end_leaves_one_finished_run_per_grid_point(tmp_path: Pa
         assert f"p.{p}" in df.columns
     assert set(df["p.method"]) == {"ft", "ft_kl"} and set(df["p.model"]) == {"tiny-gpt2", "tiny-llama"}
     assert (df["n_edits"] == 4).all()
-    assert set(df["t.git.commit"]) and "t.version.torch" in df.columns
+    head_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert {c.removesuffix("-dirty") for c in df["t.git.commit"]} == {head_commit or "unknown"}
+    assert set(df["t.version.torch"]) == {__import__("torch").__version__}
+    # The printed summary holds each finished run once, with the method, model and ES its MLflow run has.
+    assert len(printed) == df.height
+    got = {(r[cols.index("method")], r[cols.index("model")], float(r[cols.index("es")])) for r in printed}
+    assert got == {(m, mo, round(es, 3)) for m, mo, es in zip(df["p.method"], df["p.model"], df["es"])}
     from bench.tracking import client
 
     c = client(uri)
