@@ -107,6 +107,22 @@ def _summary(tracking_uri: str, experiment: str, digests: set[str]) -> Any:
     return df.select(cols).with_columns([pl.col(c).round(3) for c in num]).sort(["dataset", "model", "method"])
 
 
+def resume_plan(uri: str, experiment: str, todo: list[dict], resume: bool) -> tuple[list[dict], list[dict], int]:
+    """What a sweep runs: ``(to run, already FINISHED, stale runs closed)``. The trials of ``todo`` whose config
+    digest has a FINISHED run in ``experiment`` are "already"; with ``resume`` they are left out, and every run
+    still RUNNING in the experiment (its sweep died) is first marked KILLED with the reason as a tag; without it
+    every trial runs again and nothing is closed."""
+    from bench import tracking
+
+    done = tracking.finished_digests(uri, experiment)
+    already = [t for t in todo if t["config_digest"] in done]
+    if not resume:
+        return list(todo), already, 0
+    stale = tracking.close_open_runs(uri, experiment, "KILLED",
+                                     "left RUNNING by a sweep that died; marked when --resume started")
+    return [t for t in todo if t["config_digest"] not in done], already, stale
+
+
 def fit_column(df: Any) -> Any:
     """The summary's ``fit`` column: "converged (step S)", "budget† (step S, best B)" for a training its budget
     ended, "diverged‡ (step S, kept 0)" for one whose validation never beat the untrained editor's, or "-" for
@@ -307,12 +323,8 @@ def _run(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, stop: _S
     everything = list(todo)
     # Schema and experiment are created here, in the driver, before any trial touches the store.
     tracking.prepare_experiment(uri, experiment, f"Sweep `{args.sweep}`\n\n```yaml\n{sweep_text}\n```")
-    done = tracking.finished_digests(uri, experiment)
-    already = [t for t in todo if t["config_digest"] in done]
+    todo, already, stale = resume_plan(uri, experiment, everything, args.resume)
     if args.resume:
-        stale = tracking.close_open_runs(uri, experiment, "KILLED",
-                                         "left RUNNING by a sweep that died; marked when --resume started")
-        todo = [t for t in todo if t["config_digest"] not in done]
         print(f"resume: {len(already)} of {len(everything)} trial(s) already FINISHED in experiment "
               f"{experiment!r}; running {len(todo)}" + (f"; {stale} stale RUNNING run(s) marked KILLED" if stale
                                                        else ""), flush=True)

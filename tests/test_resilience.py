@@ -270,3 +270,49 @@ def test_trials_that_log_the_same_dataset_at_once_all_keep_it(tmp_path: Path) ->
     for rid in run_ids:
         inputs = c.get_run(rid).inputs.dataset_inputs
         assert [d.dataset.name for d in inputs] == [f"d{c.get_run(rid).info.run_name[1]}/train"]
+
+
+def test_resume_bookkeeping_on_a_hand_built_store(tmp_path: Path) -> None:
+    """--resume's decisions, without Ray, on a store written by hand: a trial counts as done only with a FINISHED
+    run of its digest in this experiment (not FAILED, KILLED, RUNNING, nor FINISHED in another experiment);
+    every RUNNING run of the experiment is closed KILLED with its reason, the rest keep their status. Without
+    --resume everything runs again and nothing is closed. close_open_runs' filters (sweep id, digest, also)
+    touch only what they name."""
+    import mlflow
+
+    from bench.run import resume_plan
+    from bench.tracking import SWEEP_ID_TAG, close_open_runs, finished_digests
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    exp = prepare_experiment(uri, "exp")
+    other = prepare_experiment(uri, "other")
+    c = mlflow.MlflowClient(uri)
+
+    def run(experiment_id: str, digest: str, status: str, sweep: str = "s1") -> str:
+        r = c.create_run(experiment_id, tags={CONFIG_DIGEST_TAG: digest, SWEEP_ID_TAG: sweep})
+        if status != "RUNNING":
+            c.set_terminated(r.info.run_id, status)
+        return r.info.run_id
+
+    ids = {"a": run(exp, "A", "FINISHED"), "b": run(exp, "B", "FAILED"), "c": run(exp, "C", "KILLED"),
+           "d": run(exp, "D", "RUNNING"), "d2": run(exp, "D", "RUNNING", sweep="s2"),
+           "e": run(other, "E", "FINISHED"), "f_old": run(exp, "F", "FAILED"), "f": run(exp, "F", "FINISHED")}
+    assert finished_digests(uri, "exp") == {"A", "F"} and finished_digests(uri, "none") == set()
+    todo = [{"config_digest": d} for d in "ABCDEFG"]
+    again, already, stale = resume_plan(uri, "exp", todo, resume=False)
+    assert again == todo and [t["config_digest"] for t in already] == ["A", "F"] and stale == 0
+    assert c.get_run(ids["d"]).info.status == "RUNNING"  # nothing closed without --resume
+    left, already, stale = resume_plan(uri, "exp", todo, resume=True)
+    assert [t["config_digest"] for t in left] == ["B", "C", "D", "E", "G"] and stale == 2
+    status = {k: c.get_run(v).info.status for k, v in ids.items()}
+    assert status == {"a": "FINISHED", "b": "FAILED", "c": "KILLED", "d": "KILLED", "d2": "KILLED",
+                      "e": "FINISHED", "f_old": "FAILED", "f": "FINISHED"}
+    assert c.get_run(ids["d"]).data.tags[END_REASON_TAG].startswith("left RUNNING by a sweep that died")
+    # the filters: one sweep's RUNNING runs, one digest, and a scheduler's KILLED run re-stated
+    r1, r2, r3 = run(exp, "X", "RUNNING", "s3"), run(exp, "Y", "RUNNING", "s3"), run(exp, "X", "RUNNING", "s4")
+    assert close_open_runs(uri, "exp", "FAILED", "why", sweep_id="s3", digest="X") == 1
+    assert [c.get_run(r).info.status for r in (r1, r2, r3)] == ["FAILED", "RUNNING", "RUNNING"]
+    assert close_open_runs(uri, "exp", "KILLED", "stopped by the scheduler", digest="C", also=("KILLED",)) == 1
+    assert c.get_run(ids["c"]).data.tags[END_REASON_TAG] == "stopped by the scheduler"
+    assert close_open_runs(uri, "exp", "KILLED", "end", sweep_id="s4") == 1 and close_open_runs(uri, "none", "KILLED",
+                                                                                               "x") == 0

@@ -1,5 +1,7 @@
-"""run_trial end to end (no Ray): every editor on the seq2seq family and the learned editors on GPT-2, each
-leaving one FINISHED MLflow run with its metrics, per-edit table and (learned editors) checkpoint."""
+"""run_trial end to end (no Ray) and the editor contract: every registered editor (``methods.REGISTRY``, so a new
+one is covered without editing this file) on GPT-2 and those that edit seq2seq models on T5 and BART, each leaving
+one FINISHED MLflow run with its metrics, per-edit table and (learned editors) checkpoint; each editor's edits
+are deltas of the weights it chose, compose by addition and survive save/load."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from bench.config import Sweep, plan
 from bench.data import EMBEDDED_ROOT
 from bench.tracking import client, prepare_experiment, runs_frame
 from bench.trial import REQUIRED_METRICS, run_trial
+from methods import REGISTRY
 
 HP = {
     "ft": {"lr": 1e-2, "max_steps": 3},
@@ -20,16 +23,24 @@ HP = {
     "mend": {"lr": 1e-3, "rank": 8},
     "enn": {"lr": 1e-3},
     "ke": {"lr": 1e-3, "hidden_dim": 16, "condition_dim": 16},
+    "ft_l": {"lr": 1e-2, "max_steps": 3},
+    "rome": {"mom2_n_tokens": 2000, "v_num_grad_steps": 4, "context_lengths": [[6, 2]]},
+    "memit": {"mom2_n_tokens": 2000, "v_num_grad_steps": 4, "context_lengths": [[6, 2]], "layers": [0, 1]},
 }
-CASES = [(m, model) for model in ("tiny-t5", "tiny-bart") for m in HP] + [
-    (m, "tiny-gpt2") for m in ("mend", "enn", "ke")]
+CASES = [(m, model) for model in ("tiny-t5", "tiny-bart") for m in sorted(REGISTRY)
+         if "seq2seq" in REGISTRY[m].supported_kinds] + [(m, "tiny-gpt2") for m in sorted(REGISTRY)]
+
+
+def _one_point(hp: dict) -> dict:
+    """Hyper-parameters as a sweep writes one grid point of them (a list value would be a grid axis)."""
+    return {k: [v] if isinstance(v, list) else v for k, v in hp.items()}
 
 
 @pytest.mark.parametrize("method,model", CASES)
 def test_trial_end_to_end(method: str, model: str, tmp_path) -> None:
     uri = f"sqlite:///{tmp_path / 'runs.db'}"
     sweep = Sweep(name="t", n_edits=3, models=[{"name": model}], datasets=[{"name": "zsre", "n_train": 16,
-                  "n_val": 4}], methods=[{"name": method, "hparams": HP[method],
+                  "n_val": 4}], methods=[{"name": method, "hparams": _one_point(HP.get(method, {})),
                                           "budget": {"max_steps": 4, "val_every": 2, "val_edits": 2}}])
     (point,) = plan(sweep)
     prepare_experiment(uri, "t")
@@ -47,9 +58,9 @@ def test_trial_end_to_end(method: str, model: str, tmp_path) -> None:
     assert got == {(f"zsre/{s}", s, sha) for s in ("train", "val", "test")}
     assert all(json.loads(i.dataset.source)["path"] == "json" for i in inputs)
     arts = {a.path for a in client(uri).list_artifacts(df["run_id"][0])}
-    learned = method in ("mend", "enn", "ke")
+    learned = REGISTRY[method].learned
     assert arts == ({"per_edit.parquet", "editor"} if learned else {"per_edit.parquet"})
-    assert df["t.base_model_changed"][0] == str(method == "enn")
+    assert df["t.base_model_changed"][0] == str(REGISTRY[method].modifies_base_model)
     # Where the time went: its parts fit inside the trial; only a trained editor spends time validating.
     parts = df["prepare_time_s"][0] + df["train_time_s"][0] + df["eval_time_s"][0]
     assert 0 < parts <= df["trial_time_s"][0] and min(df["prepare_time_s"][0], df["eval_time_s"][0]) > 0
@@ -136,3 +147,42 @@ def test_a_trial_gives_the_same_result_whether_its_data_step_ran_in_it_or_before
     assert results[0]["train_best_step"] > 0  # the training (its random draws) decides the editor
     for r in results[1:]:
         assert {k: r[k] for k in same} == {k: results[0][k] for k in same}
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_registered_editor_keeps_the_contract(method: str, zsre, tmp_path) -> None:
+    """The contract of ``methods.base``: after its fit step, ``edit`` returns finite deltas of exactly the weights
+    the editor chose, shaped like them, and leaves the model's weights as they were; edits compose by addition
+    (``Edit.__add__``, what sequential mode sums); a learned editor's checkpoint, saved and loaded into a fresh
+    editor on a fresh model, edits the same."""
+    import torch
+
+    from bench.data import edit_batch
+    from bench.models import load_model
+    from methods import Budget
+    from methods.base import weights_digest
+
+    cls = REGISTRY[method]
+    m = load_model("tiny-gpt2")
+    torch.manual_seed(0)
+    ed = cls(m, HP.get(method, {}))
+    ed.fit(list(zsre["train"][:8]), list(zsre["val"][:2]), Budget(max_steps=2, val_every=2, val_edits=2))
+    before = weights_digest(m)
+    a, b = edit_batch(m, zsre["test"][:1]), edit_batch(m, zsre["test"][1:3])
+    ea = ed.edit(a)
+    weights = dict(m.model.named_parameters())
+    assert set(ea.deltas) == set(ed.model.edit_params) and ed.model.edit_params
+    for n, d in ea.deltas.items():
+        assert d.shape == weights[n].shape and torch.isfinite(d).all(), n
+    assert weights_digest(m) == before and not m.applied  # an edit never writes a weight
+    eb = ed.edit(b)
+    both = ea + eb
+    assert all(torch.equal(both.deltas[n], ea.deltas[n] + eb.deltas[n]) for n in ea.deltas)
+    assert both.steps == ea.steps + eb.steps
+    if ed.modules():
+        path = ed.save(tmp_path / method)
+        fresh = load_model("tiny-gpt2")
+        other = cls(fresh, HP.get(method, {}))
+        other.load(path)
+        again = other.edit(edit_batch(fresh, zsre["test"][:1]))
+        assert all(torch.allclose(again.deltas[n], ea.deltas[n], rtol=1e-5, atol=1e-7) for n in ea.deltas), method
