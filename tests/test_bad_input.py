@@ -58,6 +58,13 @@ def _folder(tmp: Path, files: dict[str, str]) -> str:
     return str(d)
 
 
+def _records_file(tmp: Path, rows: list[dict]) -> dict:
+    """A zsRE dataset entry whose test split is ``rows``, written to a file in ``tmp``."""
+    f = tmp / "recs.json"
+    f.write_text(json.dumps(rows))
+    return {"name": "zsre", "n_train": 8, "n_val": 4, "paths": {"test": str(f)}}
+
+
 def zsre_rows(n: int) -> list[dict]:
     return json.loads((DATA / "zsre" / "zsre_mend_800.json").read_text())[:n]
 
@@ -187,6 +194,22 @@ CASES: dict[str, Case] = {
                                                          r"checkpoints score a sequential stream"),
     "run: missing data file": Case("run", run_case(sweep(data_root="/nonexistent-root")),
                                    r"zsre/zsre_mend_800.json' not found; tried"),
+    "run: a record without a field": Case("run", lambda t, s: [write(t, sweep(datasets=[_records_file(
+        t, [{k: v for k, v in r.items() if k != "loc"} if i == 1 else r for i, r in enumerate(zsre_rows(4))])]))],
+        r"record 1 is missing field 'loc'"),
+    "run: an empty split": Case("run", lambda t, s: [write(t, sweep(datasets=[_records_file(t, [])]))],
+                                r"split 'test' is empty"),
+    "run: non-positive lr": Case("run", run_case(sweep(methods=method(lr=0))),
+                                 r"methods.0.hparams.lr: Input should be greater than 0"),
+    "run: generate on a QA dataset": Case("run", run_case(sweep(datasets=[{"name": "zsre", "generate": {
+        "max_prompt_tokens": 50}}])), r"datasets.0 \(zsre\): generate is only for generation datasets; zsre is qa"),
+    "run: generation prompt over 200 tokens": Case("run", run_case(sweep(datasets=[{"name": "wikitext", "generate": {
+        "max_prompt_tokens": 500}}])), r"datasets.0.generate.max_prompt_tokens: Input should be less than or equal"),
+    "run: --address without a Ray auth token": Case("run", run_case(sweep(), extra=(
+        "--address", "127.0.0.1:9", "--tracking-uri", "http://127.0.0.1:9")), r"--address: no Ray auth token"),
+    "run: --address with a store other nodes cannot reach": Case("run", lambda t, s: [
+        write(t, sweep()), "--address", "127.0.0.1:9", "--tracking-uri", f"sqlite:///{t}/local.db"],
+        r"--address: trials on other nodes cannot reach sqlite"),
     "run: tracking URI with an unknown scheme": Case("run", run_case(sweep(), extra=("--tracking-uri", "foo://x")),
                                                      r"tracking URI 'foo://x': unknown scheme 'foo'"),
     "run: tracking URI a plain path": Case("run", run_case(sweep(), extra=("--tracking-uri", "runs.db")),
@@ -343,3 +366,4 @@ def test_help_lists_every_option_default_exit_codes_and_an_example(command: str,
         if opt in ("--run", "--prompt", "--target", "--experiment", "--probe", "--then"):
             continue  # required, or repeatable with nothing by default
         assert "default" in " ".join(line.split()), line
+

@@ -17,7 +17,6 @@ from bench.config import load_sweep, plan, trials, validate
 from bench.run import main
 from bench.trial import REQUIRED_METRICS
 from methods import REGISTRY
-from bench.data import EMBEDDED_ROOT
 from tests.conftest import REPO
 
 BASE = {
@@ -39,64 +38,6 @@ def _patch(**kw: object) -> dict:
     d = json.loads(json.dumps(BASE))
     d.update(kw)
     return d
-
-
-def _bad_data(tmp_path: Path, drop: str | None = None, empty: bool = False) -> str:
-    rows = json.loads((EMBEDDED_ROOT / "zsre" / "zsre_mend_800.json").read_text())[:4]
-    if drop:
-        del rows[1][drop]
-    f = tmp_path / "recs.json"
-    f.write_text(json.dumps([] if empty else rows))
-    return str(f)
-
-
-CASES = {
-    "invalid yaml": (None, "name: [unclosed", r"invalid YAML"),
-    "unknown key": (_patch(colour="red"), None, r"colour: unknown key"),
-    "unknown method": (_patch(methods=[{"name": "serac"}]), None, r"methods.0.name: unknown method 'serac'; valid: .*ft"),
-    "unknown model": (_patch(models=["not a model"]), None, r"models.0.name: unknown model 'not a model'"),
-    "unknown dataset": (_patch(datasets=["squad"]), None, r"unknown dataset 'squad'; valid: .*zsre"),
-    "non-positive lr": (_patch(methods=[{"name": "ft", "hparams": {"lr": 0}}]), None,
-                        r"methods.0.hparams.lr: Input should be greater than 0"),
-    "unknown hparam": (_patch(methods=[{"name": "ft", "hparams": {"lrate": 1}}]), None,
-                       r"methods.0.hparams.lrate: unknown key for ft; valid: .*lr"),
-    "non-positive n_edits": (_patch(n_edits=0), None, r"n_edits: Input should be greater than 0"),
-    "missing data file": (_patch(data_root="/nonexistent-root"), None, r"zsre/zsre_mend_800.json' not found; tried"),
-    "generate on a QA dataset": (_patch(datasets=[{"name": "zsre", "generate": {"max_prompt_tokens": 50}}]), None,
-                                 r"datasets.0 \(zsre\): generate is only for generation datasets; zsre is qa"),
-    "prompt over 200 tokens": (_patch(datasets=[{"name": "wikitext", "generate": {"max_prompt_tokens": 500}}]),
-                               None, r"datasets.0.generate.max_prompt_tokens: Input should be less than or equal"),
-    "bad search space": (_patch(methods=[{"name": "ft", "hparams": {"lr": {"tune": "loguniform", "lower": 0,
-                                                                          "upper": 1}}}]), None,
-                         r"loguniform needs lower > 0"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_sweep_is_one_line_exit_2_and_no_run(case: str, tmp_path: Path, capsys, monkeypatch) -> None:
-    doc, raw, pattern = CASES[case]
-    path = _write(tmp_path, doc, raw)
-    monkeypatch.chdir(tmp_path)
-    assert main([path]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    import re
-
-    assert re.search(pattern, err), err
-    assert not (tmp_path / "mlruns.db").exists()
-
-
-@pytest.mark.parametrize("what", ["missing field", "empty split"])
-def test_bad_records_exit_2(what: str, tmp_path: Path, capsys, monkeypatch) -> None:
-    f = _bad_data(tmp_path, drop="loc" if what == "missing field" else None, empty=what == "empty split")
-    ds = {"name": "zsre", "n_train": 8, "n_val": 4, "paths": {"test": f}}
-    path = _write(tmp_path, _patch(datasets=[ds]))
-    monkeypatch.chdir(tmp_path)
-    assert main([path]) == 2
-    err = capsys.readouterr().err.strip()
-    expected = "record 1 is missing field 'loc'" if what == "missing field" else "split 'test' is empty"
-    assert expected in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "mlruns.db").exists()
 
 
 def test_plan_is_the_grid(tmp_path: Path) -> None:
