@@ -63,71 +63,94 @@ def _raw_statuses(db: Path) -> list[str]:
         return []
 
 
-def _wait_mid_sweep(proc: subprocess.Popen, uri: str, experiment: str, timeout: float = 300) -> None:
-    """Until at least one trial has FINISHED and another is RUNNING (the moment to interrupt)."""
+def _wait_mid_sweep(proc: subprocess.Popen, uri: str, finished: int, timeout: float = 300) -> None:
+    """Until at least ``finished`` trials have FINISHED and another is RUNNING (the moment to interrupt)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else ""
         st = _raw_statuses(Path(uri[len("sqlite:///"):]))
-        if "FINISHED" in st and "RUNNING" in st:
+        if st.count("FINISHED") >= finished and "RUNNING" in st:
             return
         time.sleep(0.3)
-    raise AssertionError("the sweep never had a finished and a running trial at once")
+    raise AssertionError(f"the sweep never had {finished} finished trial(s) and a running one at once")
 
 
-@pytest.mark.slow
-def test_kill_9_of_the_driver_then_resume_runs_only_what_is_missing(tmp_path: Path) -> None:
-    f = tmp_path / "multi.yaml"
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One 4-trial sweep (MULTI, one trial at a time) interrupted three ways in turn, each time once one more
+    trial has FINISHED and the next is RUNNING: SIGTERM to the driver, then Ctrl-C to the process group of a
+    --resume, then kill -9 of the driver of another --resume; then --resume to the end, and once more with nothing
+    left. Each stage's exit code, output, trial statuses and run ids are kept for the tests below (one sweep
+    serves them all: each start of Ray costs ~10 s)."""
+    import polars as pl
+
+    tmp = tmp_path_factory.mktemp("multi")
+    f = tmp / "multi.yaml"
     f.write_text(yaml.safe_dump(MULTI))
-    uri = f"sqlite:///{tmp_path / 'runs.db'}"
-    proc = _start(f, uri, tmp_path, "k")
-    _wait_mid_sweep(proc, uri, "multi")
-    family = psutil.Process(proc.pid).children(recursive=True)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    before = _statuses(uri, "multi")
-    assert "RUNNING" in {s for _, s in before} and "FINISHED" in {s for _, s in before}
-    finished_before = {d for d, s in before if s == "FINISHED"}
-    reap(family)
+    uri = f"sqlite:///{tmp / 'runs.db'}"
+    stages: dict[str, dict] = {"file": {"path": f, "uri": uri}}
 
-    res = _start(f, uri, tmp_path, "r", "--resume")
-    out, _ = res.communicate(timeout=600)
-    assert res.returncode == 0, out[-3000:]
-    expected = {t["config_digest"] for t in trials(load_sweep(f), validate(load_sweep(f)))}
-    assert f"resume: {len(finished_before)} of 4 trial(s) already FINISHED" in out
-    after = _statuses(uri, "multi")
-    finished = [d for d, s in after if s == "FINISHED"]
-    assert sorted(finished) == sorted(expected)  # every configuration once: no duplicate, none missing
-    assert "RUNNING" not in {s for _, s in after}
-    killed = runs_frame(uri, "multi", "attributes.status = 'KILLED'")
-    assert killed.height >= 1 and all("died" in r for r in killed[f"t.{END_REASON_TAG}"])
-    # A resume with nothing left starts no trial and still prints the summary.
-    again = _start(f, uri, tmp_path, "a", "--resume")
-    out, _ = again.communicate(timeout=300)
-    assert again.returncode == 0 and "resume: 4 of 4 trial(s) already FINISHED" in out and "running 0" in out
+    def record(name: str, code: int | None, out: str) -> None:
+        df = runs_frame(uri, "multi")
+        df = df.filter(pl.col(f"t.{CONFIG_DIGEST_TAG}").is_not_null())
+        stages[name] = {"code": code, "out": out, "statuses": _statuses(uri, "multi"),
+                        "running": set(df.filter(pl.col("status") == "RUNNING")["run_id"])}
+
+    for name, how, extra in (("sigterm", signal.SIGTERM, ()), ("ctrl-c", signal.SIGINT, ("--resume",)),
+                             ("kill -9", signal.SIGKILL, ("--resume",))):
+        done = _raw_statuses(Path(uri[len("sqlite:///"):])).count("FINISHED")
+        proc = _start(f, uri, tmp, name[:2].strip(), *extra)
+        _wait_mid_sweep(proc, uri, done + 1)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        if how == signal.SIGINT:
+            os.killpg(proc.pid, how)  # what Ctrl-C in a terminal does
+        else:
+            os.kill(proc.pid, how)
+        out, _ = proc.communicate(timeout=120)
+        record(name, proc.returncode, out)
+        reap([p for p in family if p.is_running()])
+    for name in ("resume", "resume again"):
+        proc = _start(f, uri, tmp, "r", "--resume")
+        out, _ = proc.communicate(timeout=600)
+        record(name, proc.returncode, out)
+    return stages
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,code,group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
+@pytest.mark.parametrize("stage,sig,code", [("ctrl-c", signal.SIGINT, 130), ("sigterm", signal.SIGTERM, 143)],
                          ids=["ctrl-c to the process group", "sigterm to the driver"])
-def test_interruption_ends_every_open_run_killed(sig: int, code: int, group: bool, tmp_path: Path) -> None:
-    f = tmp_path / "multi.yaml"
-    f.write_text(yaml.safe_dump(MULTI))
-    uri = f"sqlite:///{tmp_path / 'runs.db'}"
-    proc = _start(f, uri, tmp_path, "i")
-    _wait_mid_sweep(proc, uri, "multi")
-    family = psutil.Process(proc.pid).children(recursive=True)
-    if group:
-        os.killpg(proc.pid, sig)  # what Ctrl-C in a terminal does
-    else:
-        os.kill(proc.pid, sig)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == code, out[-3000:]
-    st = _statuses(uri, "multi")
-    assert "RUNNING" not in {s for _, s in st}
-    assert "FINISHED" in {s for _, s in st} and "KILLED" in {s for _, s in st}, st
-    assert f"stopped by {signal.Signals(sig).name}" in out and "FINISHED" in out  # the summary of what finished
-    reap([p for p in family if p.is_running()])
+def test_interruption_ends_every_open_run_killed(interrupted: dict, stage: str, sig: int, code: int) -> None:
+    got = interrupted[stage]
+    assert got["code"] == code, got["out"][-3000:]
+    st = {s for _, s in got["statuses"]}
+    assert "RUNNING" not in st and "FINISHED" in st and "KILLED" in st, got["statuses"]
+    assert f"stopped by {signal.Signals(sig).name}" in got["out"] and "FINISHED" in got["out"]  # what finished
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_then_resume_runs_only_what_is_missing(interrupted: dict) -> None:
+    killed = interrupted["kill -9"]
+    assert killed["code"] == -signal.SIGKILL and killed["running"]  # a run left RUNNING by the dead driver
+    finished_before = {d for d, s in killed["statuses"] if s == "FINISHED"}
+    assert interrupted["ctrl-c"]["out"].count("resume: 1 of 4 trial(s) already FINISHED") == 1
+    res = interrupted["resume"]
+    assert res["code"] == 0, res["out"][-3000:]
+    assert f"resume: {len(finished_before)} of 4 trial(s) already FINISHED" in res["out"]
+    assert "1 stale RUNNING run(s) marked KILLED" in res["out"]
+    f, uri = interrupted["file"]["path"], interrupted["file"]["uri"]
+    expected = {t["config_digest"] for t in trials(load_sweep(f), validate(load_sweep(f)))}
+    finished = [d for d, s in res["statuses"] if s == "FINISHED"]
+    assert sorted(finished) == sorted(expected)  # every configuration once: no duplicate, none missing
+    assert "RUNNING" not in {s for _, s in res["statuses"]}
+    from mlflow import MlflowClient
+
+    for rid in killed["running"]:  # the dead driver's run, closed by the resume with the reason
+        run = MlflowClient(uri).get_run(rid)
+        assert run.info.status == "KILLED" and "died" in run.data.tags[END_REASON_TAG]
+    # A resume with nothing left starts no trial and still prints the summary.
+    again = interrupted["resume again"]
+    assert again["code"] == 0 and "resume: 4 of 4 trial(s) already FINISHED" in again["out"]
+    assert "running 0" in again["out"]
 
 
 @pytest.mark.slow
