@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -145,7 +145,11 @@ def test_ui_serves_the_store_on_loopback_and_stops(store) -> None:
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bench.ui", "--tracking-uri", uri, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    printed = ""
+    # One thread reads every line as it comes (select() on the pipe misses lines already in the reader's buffer,
+    # and communicate() with a timeout reads past that buffer: both lost "runs of" lines here under load).
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
@@ -163,13 +167,13 @@ def test_ui_serves_the_store_on_loopback_and_stops(store) -> None:
         assert '"rep"' in body and "custom_model_development" in body
         # bench.ui lists each experiment's runs view once the server is up
         deadline = time.time() + 60
-        while "runs of rep" not in printed and time.time() < deadline:
-            if select.select([proc.stdout], [], [], 1.0)[0]:
-                printed += proc.stdout.readline()
+        while not any("runs of rep" in line for line in list(lines)) and time.time() < deadline:
+            time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-        out = printed + out
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+        out = "".join(lines)
     assert proc.returncode == 0
     assert f"http://127.0.0.1:{port}/" in out and "stopping" in out
     exp_id = client(uri).get_experiment_by_name("rep").experiment_id

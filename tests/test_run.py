@@ -178,7 +178,9 @@ def test_dry_run_prints_the_plan(capsys, tmp_path: Path, monkeypatch) -> None:
 def test_ci_sweep_end_to_end_leaves_one_finished_run_per_grid_point(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'runs.db'}"
     env = {**os.environ, "EDITBENCH_RAY_TMP": f"/tmp/ebt{os.getpid()}"}
-    out = subprocess.run([sys.executable, "-m", "bench.run", str(REPO / "sweeps" / "ci.yaml"), "--tracking-uri", uri],
+    # two trials at a time (one thread each): the sweep as shipped, on both cores
+    out = subprocess.run([sys.executable, "-m", "bench.run", str(REPO / "sweeps" / "ci.yaml"), "--tracking-uri", uri,
+                          "--max-concurrent", "2"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     printed = [[c.strip() for c in line.split("│")[1:-1]] for line in out.stdout.splitlines()
