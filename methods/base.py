@@ -163,8 +163,8 @@ class FitResult:
         if not self.kept_initial or not self.history:
             return ""
         first, later = self.history[0], self.history[1:]
-        text = (f"kept its untrained state after {self.steps} steps ({self.select}): step 0 val_loss "
-                f"{first['val_loss']:.4g}, val_es {first['val_es']:.3f}")
+        text = (f"kept its untrained state after {self.steps} steps (chosen by {self.select.split(' (')[0]}): step 0 "
+                f"val_loss {first['val_loss']:.4g}, val_es {first['val_es']:.3f}")
         if later:
             b = min(later, key=lambda h: h["val_loss"]) if self.select.startswith("val_loss") else max(
                 later, key=lambda h: (h["val_es"], -h["val_loss"]))

@@ -226,7 +226,7 @@ def test_a_fit_that_never_beats_step_0_diverged_and_kept_its_untrained_state(zsr
     assert [h["step"] for h in fit.history] == [0.0, 1.0, 2.0]
     assert all(not h["val_loss"] < fit.history[0]["val_loss"] for h in fit.history[1:])
     text = fit.kept_initial_text()
-    assert text.startswith("kept its untrained state after 2 steps (val_loss")
+    assert text.startswith("kept its untrained state after 2 steps (chosen by val_loss): step 0 val_loss")
     assert f"step 0 val_loss {fit.history[0]['val_loss']:.4g}" in text
     assert "val_es per validation: 0:" in text and " 2:" in text
     state = ed.state_dict()  # the editor it keeps is the untrained one, exactly
