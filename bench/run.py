@@ -170,7 +170,10 @@ def _print_summary(df: Any, title: str) -> None:
         legend.append(f"{UNTRAINED_MARK} kept its untrained state: no validation beat step 0's (see es_gain)")
     table = Table(title=title, caption="; ".join(legend) or None)
     for c in df.columns:
-        table.add_column(c)
+        # what names a row is never cut short; numbers and long headers give way first
+        names = c in ("method", "model", "dataset", "status")
+        width = max([len(str(v)) for v in df[c]] + [1]) if names else None
+        table.add_column(c, min_width=min(width, 40) if width else None, no_wrap=names)
     for row in df.iter_rows():
         table.add_row(*["" if v is None else str(v) for v in row])
     Console(width=200).print(table)

@@ -196,7 +196,8 @@ def test_a_rome_run_edits_interactively_with_its_subject(tmp_path, capsys) -> No
     from bench.report import build
 
     header, rows = build(uri, "r", tmp_path / "rep", ["md"]).tables["rome"]  # CounterFact: ROME-style table
-    assert header[2:] == ["efficacy", "paraphrase", "neighbourhood", "p(new)", "ES (MEND)"] and rows[0][1] == "rome"
+    assert header[2:] == ["efficacy", "paraphrase", "neighbourhood", "p(new)", "ES (MEND)", "ES gain"]
+    assert rows[0][1] == "rome"
     assert rows[0][2] == f"{df['efficacy'][0]:.3f} ± {df['efficacy_ci95'][0]:.3f}"
     rid = df["run_id"][0]
     args = ["--run", rid, "--tracking-uri", uri, "--prompt", "Paris is the capital of", "--target", "Italy",

@@ -183,10 +183,11 @@ def test_ci_sweep_end_to_end_leaves_one_finished_run_per_grid_point(tmp_path: Pa
                           "--max-concurrent", "2"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    printed = [[c.strip() for c in line.split("│")[1:-1]] for line in out.stdout.splitlines()
-               if line.startswith("│")]  # the summary table's rows (rich), header excluded
-    head = next(line for line in out.stdout.splitlines() if line.startswith("┃"))
-    cols = [c.strip() for c in head.split("┃")[1:-1]]
+    lines = out.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("┃ method"))  # the summary (rich), not Tune's
+    cols = [c.strip() for c in lines[start].split("┃")[1:-1]]
+    body = lines[start + 2 : next(i for i in range(start, len(lines)) if lines[i].startswith("└"))]
+    printed = [[c.strip() for c in line.split("│")[1:-1]] for line in body if line.split("│")[1].strip()]
     from bench.tracking import runs_frame
 
     import polars as pl
