@@ -105,11 +105,17 @@ class Budget(BaseModel):
 
     def better(self, cur: Mapping[str, float], best: Mapping[str, float]) -> bool:
         """Whether validation ``cur`` is a better checkpoint than ``best`` under :attr:`select`."""
-        if self.select == "val_loss":
-            return cur["val_loss"] < best["val_loss"]
-        if self.loc_floor is not None and cur.get("val_loc_agree", 1.0) < self.loc_floor:
+        if self.select == "val_es" and self.loc_floor is not None and cur.get("val_loc_agree", 1.0) < self.loc_floor:
             return False
-        return (cur["val_es"], -cur["val_loss"]) > (best["val_es"], -best["val_loss"])
+        return selection_rank(self.select, cur) > selection_rank(self.select, best)
+
+
+def selection_rank(select: str, validation: Mapping[str, float]) -> tuple[float, ...]:
+    """How good a validation is as a checkpoint under ``select`` (``val_loss`` or ``val_es``; a
+    :meth:`Budget.selection` text works too): higher is better."""
+    if select.startswith("val_loss"):
+        return (-validation["val_loss"],)
+    return (validation["val_es"], -validation["val_loss"])
 
 
 #: Budget fields added after digests were first taken: left out of a digest while at their default, so sweeps
@@ -166,8 +172,7 @@ class FitResult:
         text = (f"kept its untrained state after {self.steps} steps (chosen by {self.select.split(' (')[0]}): step 0 "
                 f"val_loss {first['val_loss']:.4g}, val_es {first['val_es']:.3f}")
         if later:
-            b = min(later, key=lambda h: h["val_loss"]) if self.select.startswith("val_loss") else max(
-                later, key=lambda h: (h["val_es"], -h["val_loss"]))
+            b = max(later, key=lambda h: selection_rank(self.select, h))
             text += f"; best later: step {b['step']:.0f} val_loss {b['val_loss']:.4g}, val_es {b['val_es']:.3f}"
         return text + "; val_es per validation: " + " ".join(f"{h['step']:.0f}:{h['val_es']:.3f}"
                                                               for h in self.history)
