@@ -6,7 +6,7 @@ Location: ``$EDITBENCH_CACHE`` when set, else the user cache dir (``platformdirs
 Writes are atomic (a reader never sees half a file), so concurrent trials may share one cache.
 
 Used for converted and prepared base models, generated targets, the unedited model's verdicts and pre-edit
-probes (``bench.metrics``), saved training states and editor statistics (ROME/MEMIT's key second moments).
+probes (``bench.probes``), saved training states and editor statistics (ROME/MEMIT's key second moments).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ and composed with the previous ones.
 
 from __future__ import annotations
 
+import ast
 import logging
 import sys
 import tempfile
@@ -23,6 +24,14 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from bench import cli
+from bench.data import DataError, EditRecord, TaskKind, collate, load_card, task_kind
+from bench.models import ModelSpecError, load_model
+from bench.schema import Param
+from bench.tracking import TrackingError, check_tracking_uri, client, default_tracking_uri
+from methods import get_editor
+from methods.base import Edit
+
 log = logging.getLogger(__name__)
 
 
@@ -31,14 +40,13 @@ class EditCliError(ValueError):
 
 
 @torch.no_grad()
-def generate(model: Any, prompt: str, deltas: Mapping[str, Tensor] | None, max_new_tokens: int = 20) -> str:
-    """Greedy output of the (edited) model: generated text, or the label for a classifier."""
+def generate(model: Any, prompt: str, deltas: Mapping[str, Tensor] | None, max_new_tokens: int = 20) -> str | int:
+    """Greedy output of the (edited) model: generated text, or the label id of a classifier (its output head
+    gives one label per text, decoders generate)."""
     tok = model.tokenizer
     if model.kind == "classifier":
         enc = tok([prompt], return_tensors="pt").to(model.device)
-        label = int(model.logits(dict(enc), deltas)[0, 0].argmax())
-        names = getattr(model.model.config, "id2label", None) or {}
-        return f"{label} ({names.get(label, names.get(str(label), ''))})".replace(" ()", "")
+        return int(model.logits(dict(enc), deltas)[0, 0].argmax())
     eos = tok.eos_token_id
     if model.kind == "seq2seq":
         enc = tok([prompt], return_tensors="pt").to(model.device)
@@ -62,79 +70,80 @@ def generate(model: Any, prompt: str, deltas: Mapping[str, Tensor] | None, max_n
     return tok.decode(ids[0, n0:], skip_special_tokens=True).strip()
 
 
-def load_editor_from_run(uri: str, run_id: str, chain: list[tuple[str, str]] | None = None,
-                         subject: str | None = None) -> tuple[Any, Any]:
-    """(EditableModel, editor) rebuilt from an MLflow trial run and its ``editor`` checkpoint artifact. For
-    editors that locate a subject (``needs_subject``: ROME, MEMIT), ``subject`` must be given and occur in every
-    prompt of ``chain`` (checked before any weight is loaded)."""
-    from mlflow.exceptions import MlflowException
+def _run_params(c: Any, uri: str, run_id: str) -> tuple[dict[str, str], Any]:
+    """The params of trial run ``run_id`` and its editor class; :class:`EditCliError` for an unknown run or one
+    that is not a trial."""
+    from mlflow.exceptions import MlflowException  # heavy: MLflow loads only when a run is read
 
-    from bench.models import load_model
-    from bench.tracking import client
-    from methods import get_editor
-
-    c = client(uri)
     try:
         run = c.get_run(run_id)
     except MlflowException:
-        from bench.cli import clip
-
-        raise EditCliError(f"unknown run id {clip(run_id)} in {uri}") from None
-    p = run.data.params
-    if "method_class" not in p:
+        raise EditCliError(f"unknown run id {cli.clip(run_id)} in {uri}") from None
+    p = dict(run.data.params)
+    if Param.METHOD_CLASS not in p:
         raise EditCliError(f"run {run_id} is not a trial run (no method param)")
-    cls = get_editor(p["method_class"])
-    import ast
+    return p, get_editor(p[Param.METHOD_CLASS])
 
-    def typed(v: str) -> Any:  # logged as str(value): numbers, booleans and lists (ROME's layers) are literals
-        try:
-            return ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            return v
 
-    hparams = {k[len("hparams."):]: typed(v) for k, v in p.items() if k.startswith("hparams.")}
-    edit_params = p.get("edit_params", "").split(",") if p.get("edit_params") else None
+def _typed(v: str) -> Any:
+    """A param as logged (``str(value)``) back to its value: numbers, booleans and lists (ROME's layers) are
+    Python literals; anything else stays text."""
+    try:
+        return ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        return v
+
+
+def _check_subject(cls: Any, chain: list[tuple[str, str]] | None, subject: str | None) -> None:
+    """Editors that locate a subject (ROME, MEMIT) need ``--subject``, and it must occur in every edited prompt."""
+    if not cls.needs_subject or chain is None:
+        return
+    if not subject:
+        raise EditCliError(f"--subject: {cls.name} needs the subject of the edit (the words of --prompt it is "
+                           f"about, e.g. --subject 'UK')")
+    lost = [pr for pr, _ in chain if subject.lower() not in pr.lower()]
+    if lost:
+        raise EditCliError(f"--subject {cli.clip(subject)} does not occur in {cli.clip(lost[0])}; every edited "
+                           f"prompt must contain it")
+
+
+def load_editor_from_run(uri: str, run_id: str, chain: list[tuple[str, str]] | None = None,
+                         subject: str | None = None) -> tuple[Any, Any, TaskKind]:
+    """(EditableModel, editor, the run's task kind) rebuilt from an MLflow trial run and its ``editor`` checkpoint
+    artifact. For editors that locate a subject (``needs_subject``: ROME, MEMIT), ``subject`` must be given and
+    occur in every prompt of ``chain`` (checked before any weight is loaded)."""
+    c = client(uri)
+    p, cls = _run_params(c, uri, run_id)
     has_ckpt = any(a.path == "editor" for a in c.list_artifacts(run_id))
     if cls.learned and not has_ckpt:
-        raise EditCliError(f"run {run_id} ({p['method_class']}) has no editor checkpoint artifact to load")
-    if cls.needs_subject and chain is not None:
-        from bench import cli
-
-        if not subject:
-            raise EditCliError(f"--subject: {cls.name} needs the subject of the edit (the words of --prompt it is "
-                               f"about, e.g. --subject 'UK')")
-        lost = [pr for pr, _ in chain if subject.lower() not in pr.lower()]
-        if lost:
-            raise EditCliError(f"--subject {cli.clip(subject)} does not occur in {cli.clip(lost[0])}; every edited "
-                               f"prompt must contain it")
-    if cls.uses_training_data_at_edit_time:
-        raise EditCliError(f"run {run_id}: {p['method_class']} needs training data at edit time; use ft or a "
-                           "learned editor's run")
-    # Tasks with a prepared base model (FEVER) edit that model, not the raw alias.
-    from bench.models import ModelSpecError
-
+        raise EditCliError(f"run {run_id} ({cls.name}) has no editor checkpoint artifact to load")
+    _check_subject(cls, chain, subject)
     try:
-        model = load_model(p.get("base_model.path", p["model"]), edit_params)
+        kind = task_kind(load_card(p.get(Param.DATASET, "")).kind)
+    except DataError as e:
+        raise EditCliError(f"run {run_id}: its dataset's task kind is unknown here ({e})") from None
+    if cls.uses_training_data_at_edit_time:
+        raise EditCliError(f"run {run_id}: {cls.name} needs training data at edit time; use ft or a "
+                           "learned editor's run")
+    edit_params = p[Param.EDIT_PARAMS].split(",") if p.get(Param.EDIT_PARAMS) else None
+    try:  # tasks with a prepared base model (FEVER) edit that model, not the raw alias
+        model = load_model(p.get(Param.BASE_MODEL_PATH, p[Param.MODEL]), edit_params)
     except (ModelSpecError, OSError) as e:
         raise EditCliError(f"run {run_id}: its model cannot be loaded here ({e})") from None
-    model.name = p["model"]
+    model.name = p[Param.MODEL]
+    prefix = f"{Param.HPARAMS}."
+    hparams = {k[len(prefix):]: _typed(v) for k, v in p.items() if k.startswith(prefix)}
     editor = cls(model, hparams)  # pydantic turns the logged strings back into typed values
     if has_ckpt:
         with tempfile.TemporaryDirectory() as tmp:
-            local = c.download_artifacts(run_id, "editor", tmp)
-            editor.load(Path(local))
+            editor.load(Path(c.download_artifacts(run_id, "editor", tmp)))
     elif cls.has_fit_step:  # not learned: the fit step prepares what every edit reads (ROME's statistics, cached)
         log.info("%s: running its fit step (statistics are cached after the first time)", cls.name)
         editor.fit([], [])
-    return model, editor
+    return model, editor, kind
 
 
-def main(argv: list[str] | None = None) -> int:
-    from bench import cli
-    from bench.data import EditRecord, collate
-    from bench.tracking import TrackingError, check_tracking_uri, default_tracking_uri
-    from methods.base import Edit
-
+def _parse(argv: list[str] | None) -> Any:
     ap = cli.parser("python -m bench.edit", __doc__,
                     {0: "edits shown", 2: "unknown run, no store, a run without a usable editor, or a bad option "
                                           "(one line)"},
@@ -151,50 +160,66 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default=None, help="MLflow store; default: sqlite:///./mlruns.db")
     ap.add_argument("--max-new-tokens", type=int, default=20, help="greedy tokens generated per output")
     ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _chain(args: Any) -> list[tuple[str, str]]:
+    """The edits asked for, in order: ``--prompt/--target`` then each ``--then``; :class:`cli.UserError` for an
+    empty prompt, target or probe, a ``--then`` without ``=`` or a bad ``--max-new-tokens``."""
     chain = [(args.prompt, args.target)]
     for item in args.then:
         if "=" not in item:
-            return cli.fail(f"--then {cli.clip(item)} must be PROMPT=TARGET")
+            raise cli.UserError(f"--then {cli.clip(item)} must be PROMPT=TARGET")
         p, t = item.rsplit("=", 1)
         chain.append((p.strip(), t.strip()))
     for i, (p, t) in enumerate(chain):
         flag = "--prompt/--target" if i == 0 else f"--then #{i}"
         if not p.strip():
-            return cli.fail(f"{flag}: the prompt is empty; give the text to edit")
+            raise cli.UserError(f"{flag}: the prompt is empty; give the text to edit")
         if not t.strip():
-            return cli.fail(f"{flag}: the target is empty; give the new answer")
+            raise cli.UserError(f"{flag}: the target is empty; give the new answer")
     if any(not p.strip() for p in args.probe):
-        return cli.fail("--probe: an empty probe; give the text to show")
+        raise cli.UserError("--probe: an empty probe; give the text to show")
     if args.max_new_tokens < 1:
-        return cli.fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise cli.UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return chain
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        chain = _chain(args)
+    except cli.UserError as e:
+        return cli.fail(str(e))
     try:
         uri = check_tracking_uri(args.tracking_uri or default_tracking_uri(), must_exist=True, writable=False)
-        model, editor = load_editor_from_run(uri, args.run, chain, args.subject)
-        if model.kind == "classifier":
-            n = max(2, int(getattr(model.model.config, "num_labels", 2)))
-            bad = [t for _, t in chain if not t.strip().isdigit() or int(t) >= n]
-            if bad:
-                raise EditCliError(f"--target {cli.clip(bad[0])}: this run's model is a classifier; give a label "
-                                   f"id 0..{n - 1}")
+        model, editor, kind = load_editor_from_run(uri, args.run, chain, args.subject)
+        targets = []
+        for _, t in chain:  # as the run's task kind takes a target (a label id for classification)
+            try:
+                targets.append(kind.parse_target(t, model))
+            except ValueError as e:
+                raise EditCliError(f"--target {cli.clip(t)}: {e}") from None
     except (EditCliError, TrackingError) as e:
         return cli.report_user_error(e, args.verbose)
     shown = [args.prompt, *args.probe, *[p for p, _ in chain[1:]]]
+
+    def show(deltas: Mapping[str, Tensor] | None) -> None:
+        for text in shown:
+            print(f"  {text!r} -> {kind.show_answer(model, generate(model, text, deltas, args.max_new_tokens))!r}")
+
     print("before the edit:")
-    for text in shown:
-        print(f"  {text!r} -> {generate(model, text, None, args.max_new_tokens)!r}")
+    show(None)
     total = Edit({})
-    for i, (prompt, target) in enumerate(chain):
-        tgt: Any = int(target) if model.kind == "classifier" else target
-        rec = EditRecord(case_id=f"cli-{i}", task="cli", kind="qa", prompt=prompt, target=str(target),
-                         subject=args.subject)
-        batch = collate(model, [prompt], [tgt], records=[rec])
+    for i, ((prompt, target), tgt) in enumerate(zip(chain, targets)):
+        rec = EditRecord(case_id=f"cli-{i}", task="cli", kind=kind.name, prompt=prompt, target=str(target),
+                         subject=args.subject, label=tgt if isinstance(tgt, int) else None)
+        batch = collate(model, [prompt], [tgt], records=[rec])  # typed answers follow the prompt after a space
         with model.applying(total.deltas):  # sequential: edit the already-edited model (weights untouched)
             step = editor.edit(batch).detach()
         total = total + step
         print(f"after edit {i + 1} ({prompt!r} -> {target!r}):")
-        for text in shown:
-            print(f"  {text!r} -> {generate(model, text, total.deltas, args.max_new_tokens)!r}")
+        show(total.deltas)
     return 0
 
 

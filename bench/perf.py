@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from rich.console import Console
+from rich.table import Table
+
+from bench import cli
+from bench.data import edit_batch, equiv_batch, load_task, loc_batch
+from bench.losses import kl_div, loc_mask, nll
+from bench.memory import PeakMemory, keep_freed_memory
+from bench.models import ModelSpecError, load_model, resolve_model_source
+from methods import REGISTRY, get_editor
+from methods.base import gradient_factors
+from methods.ft import FT
+from methods.learned import make_adam
 
 log = logging.getLogger("bench.perf")
 
@@ -53,11 +66,10 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.
     return statistics.median(times)
 
 
-def _setup(model_name: str, batch_size: int, device: str, method: str = "mend", hparams: dict | None = None):
-    from bench.data import edit_batch, equiv_batch, load_task, loc_batch
-    from bench.models import load_model
-    from methods import get_editor
-
+def _setup(model_name: str, batch_size: int, device: str, method: str = "mend", hparams: dict | None = None
+           ) -> tuple[Any, list, Any, Any, Any, Any]:
+    """The model, the first ``batch_size`` zsRE test records, an untrained ``method`` editor and the records'
+    edit, equivalence and locality batches."""
     model = load_model(model_name, device=device)
     recs = load_task("zsre", seed=0)["test"][:batch_size]
     editor = get_editor(method)(model, hparams or {})
@@ -66,8 +78,6 @@ def _setup(model_name: str, batch_size: int, device: str, method: str = "mend", 
 
 def _train_step_fn(editor: Any, recs: list) -> Callable[[], None]:
     """One Alg. 1 step exactly as LearnedEditor.fit takes it (loss, backward, clipping, Adam)."""
-    from methods.base import make_adam
-
     params = [p for g in editor.param_groups() for p in g["params"]]
     opt = make_adam(editor.param_groups())
     editor.train(True)
@@ -84,8 +94,6 @@ def _train_step_fn(editor: Any, recs: list) -> Callable[[], None]:
 
 def memory_child(model_name: str, method: str, what: str, batch_size: int, device: str) -> float:
     """Peak MB of one MEND/ENN/KE training step (``what='train'``) or one edit (``'edit'``) in this process."""
-    from bench.metrics import PeakMemory
-
     model, recs, editor, eb, _, _ = _setup(model_name, batch_size, device, method)
     if what == "train":
         fn = _train_step_fn(editor, recs)
@@ -112,17 +120,9 @@ def _memory_subprocess(model: str, method: str, what: str, batch_size: int, devi
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def run(model_name: str, batch_size: int, repeats: int, warmup: int, ft_steps: int, device: str) -> dict[str, Any]:
-    from bench.losses import kl_div, loc_mask, nll
-    from methods import REGISTRY
-    from methods.ft import FT
-    from methods.base import gradient_factors
-
-    model, recs, mend, eb, qb, lb = _setup(model_name, batch_size, device)
+def _edit_times(model: Any, mend: Any, eb: Any, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of a full forward+backward, one over the edited weights only (deltas), and a MEND edit."""
     dev = model.device
-    res: dict[str, Any] = {"model": model_name, "batch_size": batch_size, "repeats": repeats,
-                           "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-                           "n_edit_tokens": int(eb.inputs["attention_mask"].sum())}
 
     def full_fwd_bwd() -> None:
         params = list(model.model.parameters())
@@ -136,23 +136,30 @@ def run(model_name: str, batch_size: int, repeats: int, warmup: int, ft_steps: i
                 p.grad = None
 
     deltas0 = {n: torch.zeros_like(w) for n, w in model.weights().items()}
-
-    def edit_fwd_bwd(batch: Any = eb) -> None:
-        ds = {n: d.clone().requires_grad_() for n, d in deltas0.items()}
-        nll(model.logits(batch.inputs, ds), batch.labels).backward()
-
-    t_full = median_time(full_fwd_bwd, repeats, warmup, dev)
-    t_edit_fb = median_time(edit_fwd_bwd, repeats, warmup, dev)
+    out = {"full": median_time(full_fwd_bwd, repeats, warmup, dev),
+           "edit_fb": median_time(lambda: nll(model.logits(eb.inputs, {n: d.clone().requires_grad_() for n, d
+                                                                        in deltas0.items()}), eb.labels).backward(),
+                                  repeats, warmup, dev)}
     mend.train(False)
-    t_mend_edit = median_time(lambda: mend.edit(eb), repeats, warmup, dev)
+    out["mend_edit"] = median_time(lambda: mend.edit(eb), repeats, warmup, dev)
+    return out
 
-    # MEND training step and its component passes.
+
+def _training_times(model: Any, mend: Any, recs: Any, eb: Any, qb: Any, lb: Any, repeats: int, warmup: int
+                    ) -> dict[str, float]:
+    """Median seconds of a MEND training step and of the passes it is made of (the edit's factor capture, the
+    equivalence pass, the locality passes before and after)."""
+    dev = model.device
+    deltas0 = {n: torch.zeros_like(w) for n, w in model.weights().items()}
     with torch.no_grad():
         pre = model.logits(lb.inputs)
     lmask = loc_mask(lb.inputs, lb.labels, model.kind)
-    step = _train_step_fn(mend, recs)
-    t_step = median_time(step, repeats, warmup, dev)
+    out = {"step": median_time(_train_step_fn(mend, recs), repeats, warmup, dev)}
     mend.train(False)
+
+    def fwd_bwd(batch: Any) -> None:
+        nll(model.logits(batch.inputs, {n: d.clone().requires_grad_() for n, d in deltas0.items()}),
+            batch.labels).backward()
 
     def loc_before() -> None:
         with torch.no_grad():
@@ -162,30 +169,41 @@ def run(model_name: str, batch_size: int, repeats: int, warmup: int, ft_steps: i
         ds = {n: d.clone().requires_grad_() for n, d in deltas0.items()}
         kl_div(pre, model.logits(lb.inputs, ds), lmask).backward()
 
-    t_capture = median_time(lambda: gradient_factors(model, eb), repeats, warmup, dev)
-    t_equiv = median_time(lambda: edit_fwd_bwd(qb), repeats, warmup, dev)
-    t_loc_pre = median_time(loc_before, repeats, warmup, dev)
-    t_loc_post = median_time(loc_after_fwd_bwd, repeats, warmup, dev)
-    components = t_capture + t_equiv + t_loc_pre + t_loc_post
+    out["capture"] = median_time(lambda: gradient_factors(model, eb), repeats, warmup, dev)
+    out["equiv"] = median_time(lambda: fwd_bwd(qb), repeats, warmup, dev)
+    out["loc_pre"] = median_time(loc_before, repeats, warmup, dev)
+    out["loc_post"] = median_time(loc_after_fwd_bwd, repeats, warmup, dev)
+    return out
 
+
+def run(model_name: str, batch_size: int, repeats: int, warmup: int, ft_steps: int, device: str) -> dict[str, Any]:
+    """Every absolute time and ratio of :data:`TARGETS` on ``model_name``, measured in this one run, and the
+    training and edit memory of each learned editor (one subprocess each)."""
+    model, recs, mend, eb, qb, lb = _setup(model_name, batch_size, device)
+    dev = model.device
+    res: dict[str, Any] = {"model": model_name, "batch_size": batch_size, "repeats": repeats,
+                           "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+                           "n_edit_tokens": int(eb.inputs["attention_mask"].sum())}
+    t = _edit_times(model, mend, eb, repeats, warmup)
+    c = _training_times(model, mend, recs, eb, qb, lb, repeats, warmup)
+    components = c["capture"] + c["equiv"] + c["loc_pre"] + c["loc_post"]
     ft = FT(model, {"optimizer": "rmsprop", "lr": 1e-5, "max_steps": ft_steps, "early_stop": False})
     t_ft = median_time(lambda: ft.edit(eb), repeats, warmup, dev)
-
     res.update({
-        "abs.full_fwd_bwd_s": t_full,
-        "abs.edit_params_fwd_bwd_s": t_edit_fb,
-        "abs.mend_edit_s": t_mend_edit,
-        "abs.mend_train_step_s": t_step,
+        "abs.full_fwd_bwd_s": t["full"],
+        "abs.edit_params_fwd_bwd_s": t["edit_fb"],
+        "abs.mend_edit_s": t["mend_edit"],
+        "abs.mend_train_step_s": c["step"],
         "abs.mend_components_s": components,
-        "abs.component.edit_fwd_bwd_s": t_capture,
-        "abs.component.equiv_fwd_bwd_s": t_equiv,
-        "abs.component.loc_fwd_before_s": t_loc_pre,
-        "abs.component.loc_fwd_bwd_after_s": t_loc_post,
+        "abs.component.edit_fwd_bwd_s": c["capture"],
+        "abs.component.equiv_fwd_bwd_s": c["equiv"],
+        "abs.component.loc_fwd_before_s": c["loc_pre"],
+        "abs.component.loc_fwd_bwd_after_s": c["loc_post"],
         "abs.ft_edit_s": t_ft,
         "ft_steps": ft_steps,
-        "ratio.mend_edit": t_mend_edit / t_full,
-        "ratio.mend_train_step": t_step / components,
-        "ratio.ft_edit": t_ft / (ft_steps * t_edit_fb),
+        "ratio.mend_edit": t["mend_edit"] / t["full"],
+        "ratio.mend_train_step": c["step"] / components,
+        "ratio.ft_edit": t_ft / (ft_steps * t["edit_fb"]),
     })
     del mend, ft
     res["mem.mend_train_mb"] = _memory_subprocess(model_name, "mend", "train", batch_size, device)
@@ -198,8 +216,6 @@ def run(model_name: str, batch_size: int, repeats: int, warmup: int, ft_steps: i
 
 
 def _print(res: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     t = Table(title=f"bench.perf: {res['model']}, batch {res['batch_size']}, {res['device']}")
     for c in ("key", "value", "target"):
@@ -213,8 +229,6 @@ def _print(res: dict[str, Any]) -> None:
 
 def check_device(device: str) -> str | None:
     """None when torch can run on ``device`` here, else why not (one line)."""
-    import re
-
     if device == "cpu":
         return None
     m = re.fullmatch(r"cuda(?::(\d+))?", device)
@@ -228,9 +242,6 @@ def check_device(device: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench import cli
-    from bench.models import ModelSpecError, resolve_model_source
-
     ap = cli.parser("python -m bench.perf", __doc__,
                     {0: "measured (targets missed are marked MISSED, not an error)",
                      2: "unknown model or device, a bad count, or an unwritable --out (one line, before measuring)"},
@@ -260,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
             cli.check_writable_file(args.out, "--out")
     except (ModelSpecError, cli.UserError) as e:
         return cli.report_user_error(e, args.verbose)
-    from bench.metrics import keep_freed_memory
 
     keep_freed_memory()  # as in a trial: the ratios measure the allocator the sweeps run with
     if args.memory_child:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from bench import progress
 from bench.cli import slug
 from bench.data import TaskData, collate
 from bench.cache import cache_root, cached, rng_kept
@@ -152,23 +153,29 @@ def generation_targets(model: Any, records: list, seed: int, n_tokens: int = 10,
                 for r, c in zip(records, rows)]
 
     def generate() -> list[dict]:
-        rows = []
-        for r in records:
-            ids = tok(r.prompt, add_special_tokens=False)["input_ids"][:max_prompt_tokens]
-            prompt = tok.decode(ids)
-            rng = random.Random(f"{seed}:{r.case_id}")
-            words = prompt.split(" ")
-            cut = rng.randint(1, max(1, len(words) // 2))
-            rephrase = " ".join(words[cut:])
-            torch.manual_seed(int(hashlib.sha256(f"{seed}:{r.case_id}".encode()).hexdigest()[:8], 16))
-            cur = torch.tensor([ids], device=model.device)
-            with torch.no_grad():  # multinomial sampling at temperature 1 over the full vocabulary, KV-cached
-                seq = model.model.generate(cur, attention_mask=torch.ones_like(cur), do_sample=True, top_k=0,
-                                           top_p=1.0, temperature=1.0, max_new_tokens=n_tokens,
-                                           min_new_tokens=n_tokens, pad_token_id=tok.pad_token_id)
-            new = seq[0, cur.shape[1]:].tolist()
-            rows.append({"prompt": prompt, "target": tok.decode(new), "rephrase": rephrase})
+        rows: list[dict] = []
+        with progress.step(f"generated targets of {len(records)} passages") as count:
+            for r in records:
+                rows.append(one(r))
+                count(len(rows), len(records))
         return rows
+
+    def one(r: Any) -> dict:
+        """One passage's generation edit (its prompt, sampled continuation and rephrase)."""
+        ids = tok(r.prompt, add_special_tokens=False)["input_ids"][:max_prompt_tokens]
+        prompt = tok.decode(ids)
+        rng = random.Random(f"{seed}:{r.case_id}")
+        words = prompt.split(" ")
+        cut = rng.randint(1, max(1, len(words) // 2))
+        rephrase = " ".join(words[cut:])
+        torch.manual_seed(int(hashlib.sha256(f"{seed}:{r.case_id}".encode()).hexdigest()[:8], 16))
+        cur = torch.tensor([ids], device=model.device)
+        with torch.no_grad():  # multinomial sampling at temperature 1 over the full vocabulary, KV-cached
+            seq = model.model.generate(cur, attention_mask=torch.ones_like(cur), do_sample=True, top_k=0,
+                                       top_p=1.0, temperature=1.0, max_new_tokens=n_tokens,
+                                       min_new_tokens=n_tokens, pad_token_id=tok.pad_token_id)
+        new = seq[0, cur.shape[1]:].tolist()
+        return {"prompt": prompt, "target": tok.decode(new), "rephrase": rephrase}
 
     with rng_kept():  # sampling reseeds per passage; the caller's random state stays as its seed made it
         rows, _ = cached("generated", inputs, "json", generate, lambda v, p: p.write_text(json.dumps(v)),

@@ -2,7 +2,8 @@
 it is a mean over, whether every trial run must carry it and whether the printed summary shows it.
 
 ``bench.metrics`` (aggregation, ``style.*`` tags), ``bench.trial`` (the required set) and ``bench.run`` (the
-summary's columns) derive from :data:`METRICS`; tag names live in ``bench.tracking``.
+summary's columns) derive from :data:`METRICS`; the run params read back are :class:`Param`; tag names live in
+``bench.tracking``.
 """
 
 from __future__ import annotations
@@ -81,3 +82,31 @@ REQUIRED: tuple[str, ...] = tuple(m.name for m in METRICS if m.required) + tuple
 #: Metrics shown in ``bench.run``'s printed summary, in this order (ES and its gain with their CIs).
 SUMMARY: tuple[str, ...] = tuple(x for m in METRICS if m.summary
                                  for x in ((m.name, f"{m.name}_ci95") if m.name in ("es", "es_gain") else (m.name,)))
+
+
+class Param:
+    """The MLflow params of a trial run that are read back (the report, the printed summary, ``bench.edit``),
+    declared once: ``bench.trial`` writes them under these names. Nested values are flattened with dots
+    (``hparams.lr``, ``budget.max_steps``); :meth:`col` is a param's column in ``bench.tracking.runs_frame``."""
+
+    METHOD = "method"  #: the method's label in the sweep (its registered name unless ``label`` is set)
+    METHOD_CLASS = "method_class"  #: the registered editor (``methods.REGISTRY``)
+    MODEL = "model"
+    DATASET = "dataset"
+    N_EDITS = "n_edits"
+    EDIT_BATCH_SIZE = "edit_batch_size"
+    EDIT_MODE = "edit_mode"
+    SEED = "seed"
+    HPARAMS = "hparams"  #: prefix: ``hparams.<key>``
+    BUDGET = "budget"  #: prefix: ``budget.<key>``
+    REUSE_CONVERGED = "reuse_converged"
+    LOCALITY = "locality"
+    EDIT_PARAMS = "edit_params"  #: the weights the editor edits, comma-separated
+    MODEL_PARAMS = "model_params"  #: the model's parameter count
+    BASE_MODEL_PATH = "base_model.path"  #: a prepared base model (FEVER's classifier) the trial edited
+    N_TEST = "data.n_test"
+
+    @staticmethod
+    def col(name: str) -> str:
+        """The column of param ``name`` in a runs frame (``p.<name>``)."""
+        return f"p.{name}"

@@ -22,16 +22,19 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from bench import tracking
+from bench import progress, tracking
 from bench.cache import cache_root
 from bench.config import TrialSpec
-from bench.data import apply_locality, load_task
-from bench.metrics import PeakMemory, base_correct, evaluate, keep_freed_memory
-from bench.schema import REQUIRED, STYLES
+from bench.data import apply_locality, load_task, task_kind
+from bench.memory import PeakMemory, keep_freed_memory
+from bench.metrics import evaluate
+from bench.probes import base_correct
+from bench.schema import REQUIRED, STYLES, Param
 from bench.models import load_model
 from bench.prepare import generation_targets, prepare_base
 from methods import Budget, FitResult, get_editor
-from methods.base import budget_digest_fields, weights_digest
+from methods.base import weights_digest
+from methods.budget import budget_digest_fields
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +124,12 @@ def _prepare_data(spec: TrialSpec, run: Any, device: str, tracking_uri: str, exp
                 prun.log_metrics({"val_accuracy": prep.info["val_accuracy"],
                                   "train_seconds": prep.info["train_seconds"]})
         prep_key = prep.key
-        run.log_params({"base_model.path": str(prep.path), "base_model.key": prep.key})
+        run.log_params({Param.BASE_MODEL_PATH: str(prep.path), "base_model.key": prep.key})
         run.log_metrics({"base_val_accuracy": prep.info["val_accuracy"]})
         model_path = str(prep.path)
     model = load_model(model_path, spec.model.edit_params, num_labels=max(2, len(task.card.labels)), device=device)
     model.name = spec.model.name
-    if task.card.kind == "generation":  # y_e sampled from the base model itself, cached per dataset
+    if task_kind(task.card.kind).targets_generated:  # y_e sampled from the base model itself, cached per dataset
         over = ds.generate.model_dump() if ds.generate is not None else {}
         gen = {**task.card.generate, **{k: v for k, v in over.items() if v is not None}}
         run.log_params({f"generate.{k}": v for k, v in gen.items()})
@@ -134,7 +137,7 @@ def _prepare_data(spec: TrialSpec, run: Any, device: str, tracking_uri: str, exp
             task.splits[split] = generation_targets(
                 model, task.splits[split], seed,
                 cache_tag=f"{task.refs[split].digest()[:16]}:{split}", **gen)
-    run.log_params({"model_params": model.meta["n_params"]})
+    run.log_params({Param.MODEL_PARAMS: model.meta["n_params"]})
     # One hash of the loaded weights serves the verdict cache, the before-digest and ROME/MEMIT's statistics key.
     digest = weights_digest(model)
     model.meta["weights_sha256"] = digest
@@ -181,17 +184,18 @@ def prepare_shared(cfgs: Sequence[TrialSpec | Mapping[str, Any]], tracking_uri: 
     Failures are logged and left to the trials: a data step that fails here fails the same way in each trial
     that needs it, whose run then records the error (FAILED), as without this step."""
     done: list[str] = []
-    seen: set[str] = set()
+    steps: dict[str, TrialSpec] = {}
     for cfg in cfgs:
         spec = cfg if isinstance(cfg, TrialSpec) else TrialSpec.model_validate(dict(cfg))
-        key = data_step_key(spec)
-        if key in seen or pick_device(spec.device) != "cpu":  # a CUDA context here would hold the trials' memory
-            continue
-        seen.add(key)
+        # a CUDA context here would hold the trials' memory: GPU trials prepare their own
+        if pick_device(spec.device) == "cpu":
+            steps.setdefault(data_step_key(spec), spec)
+    for n, spec in enumerate(steps.values(), 1):
         what = f"{spec.model.name} / {spec.dataset.name} (seed {spec.seed}, {spec.n_edits} test edits)"
         t0 = time.time()
         try:
-            data = _prepare_data(spec, _NoRun(), "cpu", tracking_uri, experiment, extra_tags)
+            with progress.step(f"data step {n}/{len(steps)} before the trials: {what}"):
+                data = _prepare_data(spec, _NoRun(), "cpu", tracking_uri, experiment, extra_tags)
         except Exception as e:  # the trials meet it again and record it in their runs
             log.warning("preparing %s before the trials failed (%s: %s); each trial prepares it itself",
                         what, type(e).__name__, e)
@@ -222,7 +226,7 @@ def _build_and_fit(spec: TrialSpec, data: _Prepared, run: Any, tracking_uri: str
     editor_cls = get_editor(spec.method)
     model, task = data.model, data.task
     editor = editor_cls(model, spec.hparams, data_root=spec.data_root)
-    run.log_params({"edit_params": ",".join(editor.model.edit_params)})  # the editor's choice of weights
+    run.log_params({Param.EDIT_PARAMS: ",".join(editor.model.edit_params)})  # the editor's choice of weights
     digest_before = data.digest
     source, state_dir = None, None
     if editor_cls.learned:  # train once: a FINISHED run trained the same way lends its checkpoint
@@ -303,6 +307,38 @@ def _log_results(spec: TrialSpec, run: Any, data: _Prepared, fitted: _Fitted, re
     return metrics
 
 
+def _identity(spec: TrialSpec, device: str, extra_tags: Mapping[str, str] | None
+              ) -> tuple[dict[str, Any], dict[str, str]]:
+    """What a trial's run is: its params (:class:`~bench.schema.Param` names) and its tags (environment, the
+    editor's flags, the metric styles, the config digest and, for a draw from a search space, its grid point)."""
+    editor_cls = get_editor(spec.method)
+    params = {Param.METHOD: spec.method_label, Param.METHOD_CLASS: spec.method, Param.MODEL: spec.model.name,
+              Param.DATASET: spec.dataset.name, Param.N_EDITS: spec.n_edits,
+              Param.EDIT_BATCH_SIZE: spec.edit_batch_size, Param.SEED: spec.seed, Param.HPARAMS: dict(spec.hparams),
+              Param.BUDGET: spec.budget.model_dump(), Param.LOCALITY: spec.dataset.locality or "",
+              Param.EDIT_MODE: spec.edit_mode}
+    if spec.reuse_converged and editor_cls.learned:  # its editor may come from a longer training
+        params[Param.REUSE_CONVERGED] = True
+    tags = {
+        **tracking.environment_tags(device),
+        **(extra_tags or {}),
+        "method": spec.method_label,
+        "model": spec.model.name,
+        "dataset": spec.dataset.name,
+        "learned": str(editor_cls.learned),
+        "has_fit_step": str(editor_cls.has_fit_step),
+        "uses_training_data_at_edit_time": str(editor_cls.uses_training_data_at_edit_time),
+        "modifies_base_model": str(editor_cls.modifies_base_model),
+        **{f"style.{k}": v for k, v in STYLES.items()},
+    }
+    if spec.config_digest:
+        tags[tracking.CONFIG_DIGEST_TAG] = spec.config_digest
+    if spec.sampled:  # a draw from a search space: the report's tuning table groups it with its point's samples
+        tags[tracking.POINT_DIGEST_TAG] = spec.point_digest
+        tags[tracking.SAMPLED_TAG] = json.dumps(spec.sampled, sort_keys=True)
+    return params, tags
+
+
 def run_trial(cfg: TrialSpec | Mapping[str, Any], tracking_uri: str, experiment: str,
               report: Reporter | None = None, extra_tags: Mapping[str, str] | None = None) -> dict[str, float]:
     """Run one trial (a :class:`~bench.config.TrialSpec`, or its dict from :func:`bench.config.plan` /
@@ -321,30 +357,7 @@ def run_trial(cfg: TrialSpec | Mapping[str, Any], tracking_uri: str, experiment:
     if threads > 0:
         torch.set_num_threads(threads)
     keep_freed_memory()  # freed memory reused, not zero-filled again by the kernel (ENN's step ~25% faster)
-    editor_cls = get_editor(spec.method)
-    params = {"method": spec.method_label, "method_class": spec.method, "model": spec.model.name,
-              "dataset": spec.dataset.name, "n_edits": spec.n_edits, "edit_batch_size": spec.edit_batch_size,
-              "seed": spec.seed, "hparams": dict(spec.hparams), "budget": spec.budget.model_dump(),
-              "locality": spec.dataset.locality or "", "edit_mode": spec.edit_mode}
-    if spec.reuse_converged and editor_cls.learned:  # its editor may come from a longer training
-        params["reuse_converged"] = True
-    tags = {
-        **tracking.environment_tags(device),
-        **(extra_tags or {}),
-        "method": spec.method_label,
-        "model": spec.model.name,
-        "dataset": spec.dataset.name,
-        "learned": str(editor_cls.learned),
-        "has_fit_step": str(editor_cls.has_fit_step),
-        "uses_training_data_at_edit_time": str(editor_cls.uses_training_data_at_edit_time),
-        "modifies_base_model": str(editor_cls.modifies_base_model),
-        **{f"style.{k}": v for k, v in STYLES.items()},
-    }
-    if spec.config_digest:
-        tags[tracking.CONFIG_DIGEST_TAG] = spec.config_digest
-    if spec.sampled:  # a draw from a search space: the report's tuning table groups it with its point's samples
-        tags[tracking.POINT_DIGEST_TAG] = spec.point_digest
-        tags[tracking.SAMPLED_TAG] = json.dumps(spec.sampled, sort_keys=True)
+    params, tags = _identity(spec, device, extra_tags)
     with tracking.trial_run(tracking_uri, experiment, spec.run_name, tags) as run:
         run.log_params(params)
         data = _prepare_data(spec, run, device, tracking_uri, experiment, extra_tags)

@@ -12,14 +12,19 @@ and stops the server cleanly on Ctrl-C (or SIGTERM).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from bench import cli
+from bench.tracking import TrackingError, check_tracking_uri, default_tracking_uri, ping
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +57,6 @@ def wait_until_up(url: str, timeout: float = 90.0, proc: subprocess.Popen | None
 
 def port_free(host: str, port: int) -> str | None:
     """None when ``host:port`` can be bound now, else the reason (in use, unknown host, not allowed)."""
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -70,8 +73,6 @@ def port_free(host: str, port: int) -> str | None:
 def runs_views(base_url: str, timeout: float = 10.0) -> list[tuple[str, str]]:
     """(experiment name, the URL of its runs table) for every active experiment that holds runs, the most
     recently created first, asked of the running server's REST API (this process never opens the store)."""
-    import json
-
     def post(path: str, body: dict) -> dict:
         req = urllib.request.Request(f"{base_url.rstrip('/')}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
@@ -86,10 +87,47 @@ def runs_views(base_url: str, timeout: float = 10.0) -> list[tuple[str, str]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from bench import cli
-    from bench.tracking import TrackingError, check_tracking_uri, default_tracking_uri, ping
+def _serve(uri: str, host: str, port: int) -> int:
+    """Run ``mlflow server`` on ``uri`` at ``host:port`` until it exits or Ctrl-C/SIGTERM; print its address and
+    each experiment's runs view once it answers. Returns the exit code; the server never outlives this call."""
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(server_command(uri, host, port), env=env, start_new_session=True)
+    url = f"http://{host}:{port}/"
 
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        if not wait_until_up(url, proc=proc):
+            code = proc.poll()
+            why = f"exited with code {code}" if code is not None else "did not answer within 90 s"
+            print(f"error: the MLflow server at {url} {why}", file=sys.stderr)
+            return 1
+        print(f"MLflow UI for {uri}: {url}  (Ctrl-C to stop)", flush=True)
+        try:
+            for name, view in runs_views(url):
+                print(f"  runs of {name}: {view}", flush=True)
+        except (OSError, ValueError) as e:  # the address is what matters; the list is a convenience
+            log.warning("could not list the experiments' runs views: %s", e)
+        code = proc.wait()
+        if code != 0:
+            print(f"error: the MLflow server exited with code {code}", file=sys.stderr)
+            return 1
+        return 0
+    except KeyboardInterrupt:
+        print("stopping the MLflow UI", flush=True)
+        return 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = cli.parser("python -m bench.ui", __doc__,
                     {0: "stopped with Ctrl-C or SIGTERM", 1: "the MLflow server exited or did not come up",
                      2: "no store, a bad --port/--host, or the port is taken (one line)"},
@@ -113,42 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if busy:
         return cli.fail(f"--host {cli.cut(args.host)} --port {args.port}: cannot listen there ({busy}); pick "
                         "another --port")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(server_command(uri, args.host, args.port), env=env, start_new_session=True)
-    url = f"http://{args.host}:{args.port}/"
-
-    def stop(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        if wait_until_up(url, proc=proc):
-            print(f"MLflow UI for {uri}: {url}  (Ctrl-C to stop)", flush=True)
-            try:
-                for name, view in runs_views(url):
-                    print(f"  runs of {name}: {view}", flush=True)
-            except (OSError, ValueError) as e:  # the address is what matters; the list is a convenience
-                log.warning("could not list the experiments' runs views: %s", e)
-        else:
-            code = proc.poll()
-            why = f"exited with code {code}" if code is not None else "did not answer within 90 s"
-            print(f"error: the MLflow server at {url} {why}", file=sys.stderr)
-            return 1
-        code = proc.wait()
-        if code != 0:
-            print(f"error: the MLflow server exited with code {code}", file=sys.stderr)
-            return 1
-        return 0
-    except KeyboardInterrupt:
-        print("stopping the MLflow UI", flush=True)
-        return 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+    return _serve(uri, args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ A new editor is one file defining an :class:`~methods.base.Editor` subclass plus
 
 from __future__ import annotations
 
-from methods.base import Budget, Edit, Editor, FitResult, Hparams
+from methods.base import Edit, Editor, FitResult, Hparams
+from methods.budget import Budget
 from methods.enn import ENN
 from methods.ft import FT, FTKL
 from methods.ftl import FTL

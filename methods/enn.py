@@ -25,7 +25,8 @@ from bench.data.batches import EditBatch, loc_batch
 from bench.data.records import EditRecord
 from bench.losses import kl_div, loc_mask, nll
 from bench.models import EditableModel
-from methods.base import Edit, Hparams, LearnedEditor, LearnedHparams
+from methods.base import Edit, Hparams
+from methods.learned import LearnedEditor, LearnedHparams
 
 
 class ENNHparams(LearnedHparams):

@@ -20,7 +20,7 @@ from torch import Tensor
 from bench.data.batches import EditBatch
 from bench.models import EditableModel
 from methods.base import Hparams
-from methods.ft import FT, FTHparams
+from methods.finetune import FineTune, FTHparams
 
 
 class FTLHparams(FTHparams):
@@ -38,7 +38,7 @@ class FTLHparams(FTHparams):
     stop_loss: float = Field(default=1e-2, ge=0, description="stop once the edit loss is below this")
 
 
-class FTL(FT):
+class FTL(FineTune):
     """Constrained fine-tuning of chosen MLP output projections: FT's loop with a loss threshold as its stop test
     and the L-infinity clamp after every step."""
 

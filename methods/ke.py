@@ -24,9 +24,11 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from bench.data.batches import EditBatch
+from bench.data.kinds import task_kind
 from bench.data.records import EditRecord
 from bench.models import EditableModel
-from methods.base import Edit, Hparams, LearnedEditor, LearnedHparams, gradient_factors
+from methods.base import Edit, Hparams, gradient_factors
+from methods.learned import LearnedEditor, LearnedHparams
 
 
 class KEHparams(LearnedHparams):
@@ -107,7 +109,7 @@ class KE(LearnedEditor):
     def condition_text(record: EditRecord) -> str:
         """The official conditioning text of one request: ``"{old} >> {new} || {input}"`` (old: the fact before the
         edit where the record knows it, else empty); for generation the edit's own text."""
-        if record.kind == "generation":
+        if task_kind(record.kind).targets_generated:  # the edit is a passage's continuation: its own text
             return record.prompt + record.target
         return f"{record.true_answer or ''} >> {record.target} || {record.prompt}"
 

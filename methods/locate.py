@@ -14,17 +14,18 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from pydantic import Field, PositiveInt, conlist, field_validator
 from torch import Tensor
 
 from bench.data.batches import EditBatch, collate, stack_batches
-from bench.data.files import resolve_file
 from bench.data.records import DataError, EditRecord
-from bench.models import EditableModel, StopForward
-from methods.base import Budget, Editor, FitResult, Hparams, StepLogger
+from bench.models import EditableModel
+from methods.base import Editor, FitResult, Hparams, StepLogger
+from methods.budget import Budget
+from methods.locate_stats import second_moment
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,18 @@ class ValueResult:
     steps: int
 
 
+def _value_prompts(model: EditableModel, record: EditRecord, templates: Sequence[str]) -> tuple[EditBatch, list[int]]:
+    """The prompts a value vector is optimised on, as one batch: each template + the prompt with the target (the
+    rewrite rows), then the "essence" prompt "{subject} is" -> "a"; and per row the token position whose
+    module output the vector is added to (the subject's last token)."""
+    rewrite = collate(model, [t.format(record.prompt) for t in templates], [record.target] * len(templates))
+    at, end = subject_bounds(record)
+    subj = record.prompt[at:end]
+    essence = collate(model, [f"{subj} is"], ["a"])
+    batch = stack_batches(rewrite, essence, model.tokenizer.pad_token_id)
+    return batch, [lookup_index(model, t, record) for t in templates] + [_n_tokens(model, subj) - 1]
+
+
 def optimise_value(model: EditableModel, module: str, record: EditRecord, templates: Sequence[str],
                    hp: LocateHparams) -> ValueResult:
     """ROME's compute_v / MEMIT's compute_z for one request: a vector delta added to ``module``'s output at the
@@ -234,29 +247,20 @@ def optimise_value(model: EditableModel, module: str, record: EditRecord, templa
     minimise the mean target NLL over the templates + ``kl_factor`` * KL(p_now || p_start) of the next token
     after the subject in the essence prompt + ``v_weight_decay`` * ||delta|| / ||v_init||^2 (the authors' form),
     with ||delta|| kept below ``clamp_norm_factor`` * ||v_init||. Runs on the model as already edited."""
-    rewrite = collate(model, [t.format(record.prompt) for t in templates], [record.target] * len(templates))
-    at, end = subject_bounds(record)
-    subj = record.prompt[at:end]
-    essence = collate(model, [f"{subj} is"], ["a"])
-    batch: EditBatch = stack_batches(rewrite, essence, model.tokenizer.pad_token_id)
-    idx = [lookup_index(model, t, record) for t in templates] + [_n_tokens(model, subj) - 1]
+    batch, idx = _value_prompts(model, record, templates)
     rows = torch.arange(len(idx), device=model.device)
     idx_t = torch.tensor(idx, device=model.device)
     n_rw = len(templates)
     labels = batch.labels[:n_rw]
-    mask = (labels != -100).float()
-    delta: Tensor | None = None
-    init: Tensor | None = None
-    kl_init: Tensor | None = None
+    state: dict[str, Tensor | None] = {"delta": None, "init": None}
 
     def add_delta(name: str, out: Tensor) -> Tensor:
-        nonlocal init
-        if init is None:
-            init = out[0, idx[0]].detach().clone()
-        if delta is None:
+        if state["init"] is None:
+            state["init"] = out[0, idx[0]].detach().clone()
+        if state["delta"] is None:
             return out
         bump = torch.zeros_like(out)
-        bump[rows, idx_t] = delta.to(out.dtype)
+        bump[rows, idx_t] = state["delta"].to(out.dtype)
         return out + bump
 
     # Only the logits at the target positions (rewrites) and after the subject (essence) are needed: the head
@@ -265,7 +269,7 @@ def optimise_value(model: EditableModel, module: str, record: EditRecord, templa
     t_labels = labels[t_rows, t_cols]
     e_rows = torch.arange(n_rw, len(idx), device=model.device)
     all_rows, all_cols = torch.cat([t_rows, e_rows]), torch.cat([t_cols, idx_t[n_rw:]])
-    n_tok = mask.sum(1).clamp(min=1)
+    n_tok = (labels != -100).float().sum(1).clamp(min=1)
 
     def losses() -> tuple[Tensor, Tensor]:
         logits = model.logits_at(batch.inputs, all_rows, all_cols).float()
@@ -276,14 +280,26 @@ def optimise_value(model: EditableModel, module: str, record: EditRecord, templa
     # First pass (no delta): v_init and the essence prompt's starting distribution.
     with torch.no_grad(), model.trace([module], edit_output=add_delta):
         _, kl_init = losses()
+    init = state["init"]
     assert init is not None
-    delta = torch.zeros(init.shape[-1], device=model.device, requires_grad=True)
+    delta, nll_val, it = _adam_delta(lambda: model.trace([module], edit_output=add_delta), losses, kl_init, init,
+                                     state, hp)
+    return ValueResult(target=(init + delta).detach(), init=init, nll=nll_val, steps=it)
+
+
+def _adam_delta(trace: Callable[[], Any], losses: Callable[[], tuple[Tensor, Tensor]], kl_init: Tensor,
+                init: Tensor, state: dict[str, Tensor | None], hp: LocateHparams) -> tuple[Tensor, float, int]:
+    """:func:`optimise_value`'s Adam loop on the vector delta (placed in ``state`` where the module's hook adds it):
+    target NLL + KL to the essence prompt's start + weight decay, ``delta`` clamped to ``clamp_norm_factor`` *
+    ||v_init||, stopping below a loss of 0.05. Returns (delta, the last NLL, the last step index)."""
+    delta = torch.zeros(init.shape[-1], device=init.device, requires_grad=True)
+    state["delta"] = delta
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * init.norm()
     nll_val, it = float("nan"), 0
     for it in range(hp.v_num_grad_steps):
         opt.zero_grad()
-        with torch.enable_grad(), model.trace([module], edit_output=add_delta):
+        with torch.enable_grad(), trace():
             nll_loss, kl_lp = losses()
             kl = hp.kl_factor * torch.nn.functional.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
             decay = hp.v_weight_decay * (delta.norm() / init.norm() ** 2)
@@ -296,68 +312,10 @@ def optimise_value(model: EditableModel, module: str, record: EditRecord, templa
         with torch.no_grad():
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())
-    return ValueResult(target=(init + delta).detach(), init=init, nll=nll_val, steps=it)
+    return delta, nll_val, it
 
 
 # ------------------------------------------------------------------------------------------- statistics
-
-
-def second_moment(model: EditableModel, module: str, hp: LocateHparams, data_root: str | None) -> tuple[Tensor, bool]:
-    """E[k k^T] (float64, d_in x d_in) of ``module``'s input over the first ``mom2_n_tokens`` tokens of
-    ``mom2_corpus`` in windows of ``mom2_seq_len`` tokens, on the UNEDITED model; cached on disk under the
-    model name and weights digest, module, corpus content, token count and window. Returns (C, cache hit)."""
-    from safetensors.torch import load_file, save_file
-
-    from bench.cache import cached
-    from bench.data import files
-    from methods.base import weights_digest
-
-    path = resolve_file(hp.mom2_corpus, data_root)
-    if "weights_sha256" not in model.meta:  # a trial sets it once when it loads the model (bench.trial)
-        model.meta["weights_sha256"] = weights_digest(model)
-    inputs = {"stat": "mom2", "model": model.name, "weights": model.meta["weights_sha256"], "module": module,
-              "corpus": files.file_sha256(path), "n_tokens": hp.mom2_n_tokens, "seq_len": hp.mom2_seq_len}
-
-    def compute() -> Tensor:
-        t0 = time.time()
-        ids = model.tokenizer(files.read_text(path), add_special_tokens=False)["input_ids"][: hp.mom2_n_tokens]
-        if len(ids) < hp.mom2_n_tokens:
-            log.warning("%s holds %d tokens, fewer than mom2_n_tokens=%d; using all", path, len(ids),
-                        hp.mom2_n_tokens)
-        L = hp.mom2_seq_len
-        windows = [ids[i : i + L] for i in range(0, len(ids), L)]
-        acc: Tensor | None = None
-        n = 0
-        order = {m: i for i, (m, _) in enumerate(model.model.named_modules())}
-        assert module in order, module
-        for b in range(0, len(windows), 8):
-            chunk = windows[b : b + 8]
-            enc = _encode_ids(model, chunk)
-            with torch.no_grad(), model.trace([module], stop_after=module) as io:
-                try:
-                    model.model(**enc)  # the base module: the statistics of the unedited model
-                except StopForward:  # ends the pass after the module: the layers above are not run
-                    pass
-            k = io[module].input[enc["attention_mask"].bool()].double()
-            acc = k.T @ k if acc is None else acc + k.T @ k
-            n += k.shape[0]
-        assert acc is not None
-        log.info("second moment of %s over %d tokens of %s in %.1fs", module, n, path.name, time.time() - t0)
-        return acc / n
-
-    return cached("stats", inputs, "safetensors", compute,
-                  lambda v, p: save_file({"mom2": v.cpu().contiguous()}, str(p)),
-                  lambda p: load_file(str(p))["mom2"].to(model.device))
-
-
-def _encode_ids(model: EditableModel, rows: Sequence[Sequence[int]]) -> dict[str, Tensor]:
-    width = max(len(r) for r in rows)
-    x = torch.full((len(rows), width), model.tokenizer.pad_token_id, dtype=torch.long)
-    m = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        x[i, : len(r)] = torch.tensor(list(r))
-        m[i, : len(r)] = 1
-    return {"input_ids": x.to(model.device), "attention_mask": m.to(model.device)}
 
 
 def as_weight(model: EditableModel, name: str, upd_out_in: Tensor) -> Tensor:

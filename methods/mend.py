@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from bench.data.batches import EditBatch
 from bench.models import EditableModel
-from methods.base import Edit, Hparams, LearnedEditor, LearnedHparams, gradient_factors
+from methods.base import Edit, Hparams, gradient_factors
+from methods.learned import LearnedEditor, LearnedHparams
 from methods.nets import LowRankMLP, RunningNorm
 
 

@@ -202,7 +202,7 @@ CASES: dict[str, Case] = {
     "run: non-positive lr": Case("run", run_case(sweep(methods=method(lr=0))),
                                  r"methods.0.hparams.lr: Input should be greater than 0"),
     "run: generate on a QA dataset": Case("run", run_case(sweep(datasets=[{"name": "zsre", "generate": {
-        "max_prompt_tokens": 50}}])), r"datasets.0 \(zsre\): generate is only for generation datasets; zsre is qa"),
+        "max_prompt_tokens": 50}}])), r"datasets.0 \(zsre\): generate is only for datasets whose targets are generated \(generation\); zsre is qa"),
     "run: generation prompt over 200 tokens": Case("run", run_case(sweep(datasets=[{"name": "wikitext", "generate": {
         "max_prompt_tokens": 500}}])), r"datasets.0.generate.max_prompt_tokens: Input should be less than or equal"),
     "run: --address without a Ray auth token": Case("run", run_case(sweep(), extra=(

@@ -35,7 +35,7 @@ def test_fit_says_why_it_stopped(budget: Budget, reason: str, zsre) -> None:
 
 def test_budget_limited_cells_are_marked_in_summary_and_report(tmp_path: Path) -> None:
     from bench import report
-    from bench.run import _summary
+    from bench.summary import summary as run_summary
 
     uri = f"sqlite:///{tmp_path / 'runs.db'}"
     prepare_experiment(uri, "conv")
@@ -50,7 +50,7 @@ def test_budget_limited_cells_are_marked_in_summary_and_report(tmp_path: Path) -
     df = runs_frame(uri, "conv")
     tags = dict(zip(df["p.method"], df[f"t.{FIT_STOP_TAG}"]))
     assert tags == {"mend": "max_steps", "ft": "untrained"}
-    summary = _summary(uri, "conv", {t["config_digest"] for t in todo})
+    summary = run_summary(uri, "conv", {t["config_digest"] for t in todo})
     fit = dict(zip(summary["method"], summary["fit"]))
     assert fit["mend"].startswith(f"budget{report.BUDGET_MARK} (step 2, best ") and fit["ft"] == "-"
     rep = report.build(uri, "conv", tmp_path / "rep", ["md", "html"])
@@ -167,7 +167,7 @@ def test_reuse_converged_loads_the_same_editor_trained_to_convergence_under_any_
     whose fit converged under a larger cap (tags: source, reuse "converged"; the source's steps; the summary says
     converged and loaded); without the option, or with another edit batch size in training, or when the only
     same-editor run ended on its budget, the trial trains under its own budget."""
-    from bench.run import _summary
+    from bench.summary import summary as run_summary
     from bench.tracking import CONVERGENCE_KEY_TAG, REUSE_TAG, TRAINED_FROM_TAG
 
     uri = f"sqlite:///{tmp_path / 'runs.db'}"
@@ -198,7 +198,7 @@ def test_reuse_converged_loads_the_same_editor_trained_to_convergence_under_any_
     assert list(df[f"t.{FIT_STOP_TAG}"]) == ["converged", "max_steps", "max_steps", "max_steps"]
     assert df["train_steps"][0] == src["train_steps"][0] > 2 and df["train_time_s"][0] == 0
     assert df[f"t.{CONVERGENCE_KEY_TAG}"][0] == df[f"t.{CONVERGENCE_KEY_TAG}"][1] == src[f"t.{CONVERGENCE_KEY_TAG}"][0]
-    summary = _summary(uri, "default", {t["config_digest"] for t in todo[:1]})
+    summary = run_summary(uri, "default", {t["config_digest"] for t in todo[:1]})
     assert list(summary["fit"]) == [f"converged (step {int(src['train_steps'][0])}, loaded)"]
     from bench import report
 
@@ -265,7 +265,7 @@ def test_a_kept_untrained_editor_is_marked_in_tags_summary_and_report_with_its_g
     import polars as pl
 
     from bench import report
-    from bench.run import _summary
+    from bench.summary import summary as run_summary
     from bench.tracking import FIT_KEPT_INITIAL_TAG, FIT_SELECT_TAG
 
     uri = f"sqlite:///{tmp_path / 'runs.db'}"
@@ -285,7 +285,7 @@ def test_a_kept_untrained_editor_is_marked_in_tags_summary_and_report_with_its_g
     table = pl.read_parquet(c.download_artifacts(row["run_id"], "per_edit.parquet", str(tmp_path)))
     assert metrics["es_gain"] == pytest.approx(float((table["es"] - table["es_pre"]).mean()))
     assert metrics["init_val_es"] == metrics["best_val_es"]  # the chosen checkpoint is step 0's
-    summary = _summary(uri, "kept", {t["config_digest"] for t in todo})
+    summary = run_summary(uri, "kept", {t["config_digest"] for t in todo})
     assert list(summary["fit"]) == [f"diverged{report.UNTRAINED_MARK} (step 2, kept 0)"]
     assert "es_gain" in summary.columns
     rep = report.build(uri, "kept", tmp_path / "rep", ["md"])

@@ -18,8 +18,8 @@ KE_SMALL = {"hidden_dim": 32, "condition_dim": 32, "lr": 1e-2}
 
 
 def test_declared_properties() -> None:
-    assert ENN.requires_training and ENN.modifies_base_model and not ENN.uses_training_data_at_edit_time
-    assert KE.requires_training and not KE.modifies_base_model
+    assert ENN.learned and ENN.modifies_base_model and not ENN.uses_training_data_at_edit_time
+    assert KE.learned and not KE.modifies_base_model
     assert ENN.Hparams().lr == 1e-5 and ENN.Hparams().step_lr == 1e-3 and ENN.Hparams().inner_lr == 1e-2
     assert ENN.Hparams().c_edit == 0.1 and ENN.Hparams().c_base == 1.0 and KE.Hparams().lr == 1e-5
 

@@ -15,8 +15,8 @@ from tests.conftest import tiny
 
 def test_registry_and_declared_properties() -> None:
     assert {"ft", "ft_kl"} <= set(REGISTRY)
-    assert not FT.requires_training and not FT.uses_training_data_at_edit_time and not FT.modifies_base_model
-    assert FTKL.uses_training_data_at_edit_time and not FTKL.requires_training
+    assert not FT.learned and not FT.uses_training_data_at_edit_time and not FT.modifies_base_model
+    assert FTKL.uses_training_data_at_edit_time and not FTKL.learned
     with pytest.raises(KeyError, match="unknown method 'nope'; valid: .*ft"):
         get_editor("nope")
 

@@ -48,7 +48,7 @@ def test_factorised_gradient_on_cuda_equals_autograd(alias: str, zsre) -> None:
     if m.kind == "classifier":
         from dataclasses import replace
 
-        recs = [replace(r, label=i % 2, loc_label=(i + 1) % 2) for i, r in enumerate(recs)]
+        recs = [replace(r, kind="classification", label=i % 2, loc_label=(i + 1) % 2) for i, r in enumerate(recs)]
     batch = edit_batch(m, recs)
     assert batch.labels.device.type == DEV
     factors = gradient_factors(m, batch)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bench.losses import argmax_agreement, argmax_scores, kl_div, nll, seq_logprob
-from bench.metrics import PeakMemory, aggregate, evaluate, mean_ci
+from bench.memory import PeakMemory
+from bench.metrics import aggregate, evaluate, mean_ci
 from methods.base import Edit
 from tests.conftest import tiny
 
@@ -74,7 +75,7 @@ def test_peak_memory_sees_an_allocation() -> None:
 _HEAP_PROBE = """
 import json, resource, sys, threading
 import torch
-from bench.metrics import PeakMemory, keep_freed_memory
+from bench.memory import PeakMemory, keep_freed_memory
 out = {"kept": keep_freed_memory() if sys.argv[1] == "keep" else False}
 def churn(numel, n):  # n blocks of numel floats, touched, then freed
     xs = [torch.ones(numel) for _ in range(n)]
@@ -121,7 +122,7 @@ def test_keep_freed_memory_reuses_the_heap_and_peak_memory_still_counts_it() -> 
     (40929 of the small round's pages in 6 of 7 probes on one host, 1024 on another; 16385 of the large round's),
     but not always, so the default side is not asserted.
     PeakMemory trims the heap at entry, so an allocation inside it counts in full either way."""
-    from bench.metrics import _libc
+    from bench.memory import _libc
 
     if _libc() is None:
         pytest.skip("not glibc: keep_freed_memory changes nothing here")
@@ -136,7 +137,7 @@ def test_a_trial_thread_reuses_freed_memory_only_with_the_workers_one_arena_env(
     (64 MB at most) cannot hold a 64 MB block: glibc maps it and unmaps it at free, so every page faults in again
     (32768 of 32768 here), whatever keep_freed_memory set. With the environment bench.run gives the Ray workers
     (one arena), the thread allocates from the main heap and reuses it like the main thread."""
-    from bench.metrics import ONE_ARENA_ENV, _libc
+    from bench.memory import ONE_ARENA_ENV, _libc
 
     if _libc() is None:
         pytest.skip("not glibc: keep_freed_memory changes nothing here")
@@ -148,8 +149,8 @@ def test_a_trial_thread_reuses_freed_memory_only_with_the_workers_one_arena_env(
 
 
 def test_the_trial_workers_get_one_arena_and_their_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bench.metrics import ONE_ARENA_ENV
-    from bench.run import trial_worker_env
+    from bench.memory import ONE_ARENA_ENV
+    from bench.tuner import trial_worker_env
 
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     assert trial_worker_env(1) == {"EDITBENCH_THREADS": "1", **ONE_ARENA_ENV}
@@ -193,8 +194,8 @@ def test_evaluate_sees_a_damaging_edit(zsre) -> None:
 def test_base_model_verdicts_are_cached_by_weights_and_pairs(tmp_path, monkeypatch) -> None:
     """The locality filter's verdicts (is the unedited model right on each pair) are computed once per model weights
     and pool; changed weights or pairs are a new entry."""
-    import bench.metrics
-    from bench.metrics import base_correct
+    import bench.probes
+    from bench.probes import base_correct
     from bench.models import load_model
     from tests.conftest import private_cache
 
@@ -203,11 +204,11 @@ def test_base_model_verdicts_are_cached_by_weights_and_pairs(tmp_path, monkeypat
     pairs = [("The capital of France is", "Paris"), ("Two plus two is", "four")]
     first = base_correct(m, pairs)
     assert len(first) == 2 and all(isinstance(v, bool) for v in first)
-    real = bench.metrics.exact_match
-    monkeypatch.setattr(bench.metrics, "exact_match", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    real = bench.probes.exact_match
+    monkeypatch.setattr(bench.probes, "exact_match", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     assert base_correct(m, pairs) == first  # from the cache: the model did not run
     calls = []
-    monkeypatch.setattr(bench.metrics, "exact_match", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(bench.probes, "exact_match", lambda *a, **k: calls.append(1) or real(*a, **k))
     base_correct(m, pairs[:1])
     with torch.no_grad():
         next(m.model.parameters()).add_(1.0)
@@ -220,7 +221,7 @@ def test_exact_match_equals_argmax_scores_over_full_logits(zsre, alias) -> None:
     """exact_match runs a causal model's output head on the target positions only; its verdicts are those of
     argmax_scores over every position's logits, with and without deltas (some rows right, some wrong)."""
     from bench.data import collate
-    from bench.metrics import exact_match
+    from bench.probes import exact_match
 
     m = tiny(alias)
     recs = zsre["test"][:8]
@@ -243,7 +244,7 @@ def test_base_correct_keeps_the_pairs_order_when_it_batches_by_length(tmp_path, 
     """Verdicts are computed in batches of pairs of similar length; each comes back at its pair's place (the same
     as judging each pair alone)."""
     from bench.data import collate
-    from bench.metrics import base_correct, exact_match
+    from bench.probes import base_correct, exact_match
     from tests.conftest import private_cache
 
     private_cache(monkeypatch, tmp_path / "cache")
@@ -270,8 +271,8 @@ def test_pre_edit_probes_from_the_cache_equal_fresh_ones(zsre, alias, tmp_path, 
     """The unedited model's probes are computed once per model and test set: a second evaluation takes them from
     the cache without running them, and every per-edit value (ES before, locality agreement, KL, drawdown) is
     bit-identical to an evaluation that computes them; other weights are another entry."""
-    import bench.metrics
-    from bench.metrics import PreEditProbes
+    import bench.probes
+    from bench.probes import PreEditProbes
     from bench.models import load_model
     from tests.conftest import private_cache
 
@@ -283,8 +284,8 @@ def test_pre_edit_probes_from_the_cache_equal_fresh_ones(zsre, alias, tmp_path, 
     first = evaluate(_Noise(m), m, recs, edit_batch_size=2)
     assert len(list((tmp_path / "cache").glob("preedit/*.pt"))) == 1
     calls: list[bool] = []
-    real = bench.metrics._probe
-    monkeypatch.setattr(bench.metrics, "_probe", lambda mm, g, d: calls.append(d is None) or real(mm, g, d))
+    real = bench.probes.probe
+    monkeypatch.setattr(bench.probes, "probe", lambda mm, g, d: calls.append(d is None) or real(mm, g, d))
     second = evaluate(_Noise(m), m, recs, edit_batch_size=2)
     assert calls and not any(calls)  # only post-edit probes ran: the unedited model's came from the cache
     assert _strip_cost(fresh.rows) == _strip_cost(first.rows) == _strip_cost(second.rows)
@@ -300,7 +301,7 @@ def test_pre_edit_probes_from_the_cache_equal_fresh_ones(zsre, alias, tmp_path, 
     evaluate(_Noise(other), other, recs, edit_batch_size=2)
     assert any(calls)
     # An entry over the size bound is not stored.
-    monkeypatch.setattr(bench.metrics, "PRE_CACHE_MAX_MB", 0.0)
+    monkeypatch.setattr(bench.probes, "PRE_CACHE_MAX_MB", 0.0)
     n = len(list((tmp_path / "cache").glob("preedit/*.pt")))
     evaluate(_Noise(m), m, recs, edit_batch_size=1)
     assert len(list((tmp_path / "cache").glob("preedit/*.pt"))) == n

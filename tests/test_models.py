@@ -135,7 +135,7 @@ def test_gguf_is_parsed_once_inside_the_conversion_block_and_gguf_is_restored_af
     import gguf
     import numpy as np
 
-    from bench.models import _gguf_parsed_once
+    from bench.models.weights import _gguf_parsed_once
 
     path = tmp_path / "tiny.gguf"
     w = gguf.GGUFWriter(str(path), "llama")

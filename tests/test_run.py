@@ -157,6 +157,24 @@ def test_tune_lr_tunes_around_the_default_configuration() -> None:
             assert getattr(m.budget, k) == getattr(default[m.name].budget, k), (m.name, k)
 
 
+def test_trial_labels_name_each_trial_and_what_tells_it_apart(tmp_path: Path) -> None:
+    """Tune's status table names a trial by its method, model and dataset and by what differs from the other trials
+    of its method (a grid axis, a drawn value, a seed), never by a value every trial shares; labels are unique."""
+    from bench.tuner import trial_labels
+
+    doc = _patch(models=["tiny-gpt2"], seeds=[0, 1],
+                 methods=[{"name": "ft", "hparams": {"lr": [1e-2, 1e-3], "max_steps": 2}},
+                          {"name": "ft_kl", "hparams": {"lr": 1e-2, "max_steps": 2}}])
+    sweep = load_sweep(_write(tmp_path, doc))
+    todo = trials(sweep, plan(sweep))
+    labels = trial_labels(todo)
+    assert len(set(labels)) == len(labels) == 6
+    by = {(t["method"], t["hparams"]["lr"], t["seed"]): label for t, label in zip(todo, labels)}
+    assert by[("ft", 1e-3, 1)].split(" ", 1)[1] == "ft tiny-gpt2 zsre lr=0.001 seed=1"
+    assert by[("ft_kl", 1e-2, 0)].split(" ", 1)[1] == "ft_kl tiny-gpt2 zsre seed=0"  # lr is not an axis of ft_kl
+    assert all(label.startswith(f"#{i} ") for i, label in enumerate(labels))
+
+
 def test_dry_run_prints_the_plan(capsys, tmp_path: Path, monkeypatch) -> None:
     """The dry run prints one row per trial (method, model, dataset, batch size, seed and the config digest
     that --resume keys on) and creates no store."""
@@ -183,6 +201,10 @@ def test_ci_sweep_end_to_end_leaves_one_finished_run_per_grid_point(tmp_path: Pa
                           "--max-concurrent", "2"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # the driver's data step says what it does before the trials start; Tune's table names trials readably
+    assert "data step 1/2 before the trials: tiny-gpt2 / zsre (seed 0, 4 test edits) ..." in out.stdout
+    assert re.search(r"data step 2/2 before the trials: tiny-llama / zsre .*: done in [\d.]+ s", out.stdout)
+    assert re.search(r"│ #\d ft_kl tiny-llama zsre +(RUNNING|TERMINATED)", out.stdout), out.stdout[-3000:]
     lines = out.stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("┃ method"))  # the summary (rich), not Tune's
     cols = [c.strip() for c in lines[start].split("┃")[1:-1]]
@@ -252,13 +274,14 @@ def test_a_new_sqlite_store_is_the_cached_schema_made_as_mlflow_makes_it(tmp_pat
     experiment MLflow would have written here; the copy takes runs and metrics like any store."""
     import sqlite3
 
+    import bench.store as store
     import bench.tracking as tracking
 
     monkeypatch.setenv("EDITBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     first = tracking.client(f"sqlite:///{tmp_path / 'a.db'}")
     assert len(list((tmp_path / "cache" / "mlflow-schema").glob("*.db"))) == 1
-    monkeypatch.setattr(tracking, "_empty_schema", lambda: (_ for _ in ()).throw(AssertionError("migrated again")))
+    monkeypatch.setattr(store, "_empty_schema", lambda: (_ for _ in ()).throw(AssertionError("migrated again")))
     uri = f"sqlite:///{tmp_path / 'b.db'}"
     exp_id = tracking.prepare_experiment(uri, "x")
     c = tracking.client(uri)
@@ -278,7 +301,7 @@ def test_a_new_sqlite_store_is_the_cached_schema_made_as_mlflow_makes_it(tmp_pat
 
     monkeypatch.undo()
     own = tmp_path / "own.db"
-    own.write_bytes(tracking._empty_schema())  # what MLflow's migrations make
+    own.write_bytes(store._empty_schema())  # what MLflow's migrations make
     assert tables(tmp_path / "b.db") == tables(own)
 
 

@@ -130,8 +130,9 @@ def test_generation_edit_reports_perplexity_drawdown(tmp_path, monkeypatch) -> N
 @pytest.mark.parametrize("path", sorted((REPO / "sweeps" / "paper").glob("*.yaml")), ids=lambda p: p.name)
 def test_paper_sweeps_dry_run_offline(path: Path, capsys, monkeypatch) -> None:
     """The paper's sweeps validate offline up to what needs the network: a sweep reading a Hub dataset that is
-    not cached stops with one line naming its id and revision (exit 2); the others pass their dry run where their
-    GPU is and elsewhere stop at the device check (exit 2 naming the key), never failing inside Ray later. The Hub
+    not cached stops with one line naming its id and revision (exit 2); the others pass their dry run, and where
+    their GPU is missing the plan ends with one line naming the key the machine cannot meet (exit 0: a GPU sweep is
+    prepared on a laptop; its run is still refused there). The Hub
     is unreachable here by construction (``load_dataset`` of a Hub id raises as it does without a network)."""
     import datasets as hf_datasets
     import torch
@@ -158,8 +159,10 @@ def test_paper_sweeps_dry_run_offline(path: Path, capsys, monkeypatch) -> None:
     assert any(t["method"] == "mend" for t in trials(sweep, validate(sweep, str(path))))
     if torch.cuda.is_available() or (sweep.device != "cuda" and sweep.resources.gpu == 0):
         assert code == 0 and "mend" in err.out
-    else:
-        assert code == 2 and ("device: cuda" in err.err or "resources.gpu" in err.err), err.err
+    else:  # validated all the same; the plan is printed with what the run needs and this machine lacks
+        assert code == 0 and "mend" in err.out, err.err
+        (line,) = [x for x in err.out.splitlines() if x.startswith("valid, but not runnable here: ")]
+        assert "device: cuda" in line or "resources.gpu" in line, line
 
 
 def test_a_continuation_without_leading_space_is_scored_on_the_tokens_it_was_edited_to() -> None:

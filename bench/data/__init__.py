@@ -1,6 +1,8 @@
 """Edit records, dataset cards, data files, readers, seeded splits and tokenised edit batches, one module each:
 
-- :mod:`bench.data.records`: ``EditRecord``, ``DataError``, split names and task kinds;
+- :mod:`bench.data.records`: ``EditRecord``, ``DataError``, split names;
+- :mod:`bench.data.kinds`: one object per task kind (QA, completion, classification, generation), owning what
+  differs by kind; a new kind is a subclass and ``register_kind``;
 - :mod:`bench.data.cards`: dataset cards (``datasets/<name>.yaml``), validated with pydantic like sweep files;
 - :mod:`bench.data.files`: the data root (the sweep's ``data_root``, else ``$EDITBENCH_DATA``, else the files
   embedded in ``datasets/data/``), file lookup and hashing, atomic writes, packing for cluster workers;
@@ -18,7 +20,6 @@ from bench.data.batches import (
                                 edit_batch,
                                 equiv_batch,
                                 loc_batch,
-                                spaced,
                                 stack_batches,
 )
 from bench.data.cards import (
@@ -48,7 +49,8 @@ from bench.data.readers import (
                                 read_mapped_json,
                                 read_wikitext,
 )
-from bench.data.records import SPLITS, DataError, EditRecord, TaskKind
+from bench.data.kinds import KINDS, TaskKind, kind_of, register_kind, task_kind
+from bench.data.records import SPLITS, DataError, EditRecord
 from bench.data.sources import SOURCES, DataRef, HubRef, dataset_root, hub_file, load_hub, local_ref
 from bench.data.splits import (
                                 TaskData,
@@ -60,10 +62,10 @@ from bench.data.splits import (
 )
 
 __all__ = [
-    "CARDS_DIR", "EMBEDDED_ROOT", "SOURCES", "DataRef", "HubFile", "HubRef", "HubSource", "dataset_root",
+    "KINDS", "kind_of", "register_kind", "task_kind", "CARDS_DIR", "EMBEDDED_ROOT", "SOURCES", "DataRef", "HubFile", "HubRef", "HubSource", "dataset_root",
     "hub_file", "load_hub", "local_ref", "READERS", "REPO_ROOT", "SPLITS", "DataError", "DatasetCard", "EditBatch", "EditRecord",
     "LocalitySource", "TaskData", "TaskKind", "apply_locality", "available_cards", "check_records", "collate",
     "data_root_candidates", "edit_batch", "equiv_batch", "file_sha256", "load_card", "load_task",
     "loc_batch", "locality_pool", "pack_files", "read_fever", "read_mapped_json", "read_text", "read_wikitext",
-    "resolve_file", "spaced", "split_overlaps", "stack_batches", "unpack_files", "with_locality", "write_atomic",
+    "resolve_file", "split_overlaps", "stack_batches", "unpack_files", "with_locality", "write_atomic",
 ]

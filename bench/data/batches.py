@@ -11,6 +11,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
+from bench.data.kinds import kind_of
 from bench.data.records import DataError, EditRecord
 
 if TYPE_CHECKING:
@@ -122,24 +123,18 @@ def stack_batches(a: EditBatch, b: EditBatch, pad_id: int) -> EditBatch:
     return EditBatch(inputs, labels, [*a.records, *b.records])
 
 
-def spaced(records: Sequence[EditRecord]) -> bool:
-    """Answers follow their prompt after a space; generated continuations are kept verbatim."""
-    return not records or records[0].kind != "generation"
-
-
 def edit_batch(model: "EditableModel", records: Sequence[EditRecord]) -> EditBatch:  # noqa: F821
-    """x_e -> y_e for each record."""
-    tgts = [r.label for r in records] if model.kind == "classifier" else [r.target for r in records]
-    return collate(model, [r.prompt for r in records], tgts, records, space=spaced(records))
+    """x_e -> y_e for each record (targets as the records' task kind gives them)."""
+    kind = kind_of(records)
+    return collate(model, [r.prompt for r in records], kind.targets(records), records, space=kind.spaced)
 
 
 def equiv_batch(model: "EditableModel", records: Sequence[EditRecord]) -> EditBatch:  # noqa: F821
     """x'_e -> y_e (x_e itself where the record has no rephrase)."""
-    tgts = [r.label for r in records] if model.kind == "classifier" else [r.target for r in records]
-    return collate(model, [r.equiv_prompt for r in records], tgts, records, space=spaced(records))
+    kind = kind_of(records)
+    return collate(model, [r.equiv_prompt for r in records], kind.targets(records), records, space=kind.spaced)
 
 
 def loc_batch(model: "EditableModel", records: Sequence[EditRecord]) -> EditBatch:  # noqa: F821
     """x_loc -> its answer."""
-    tgts = [r.loc_label for r in records] if model.kind == "classifier" else [r.loc_answer for r in records]
-    return collate(model, [r.loc_prompt for r in records], tgts, records)
+    return collate(model, [r.loc_prompt for r in records], kind_of(records).loc_targets(records), records)

@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 log = logging.getLogger(__name__)
 
@@ -19,12 +18,11 @@ from pydantic import (
     field_validator,
 )
 
-from bench.data.records import SPLITS, DataError, TaskKind
-
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-CARDS_DIR = REPO_ROOT / "datasets"
-#: The real data subsets shipped in the repository (``datasets/data/<name>/``, each with its source and licence).
-EMBEDDED_ROOT = CARDS_DIR / "data"
+from bench.data.files import CARDS_DIR, EMBEDDED_ROOT, REPO_ROOT  # noqa: F401 (re-exported)
+from bench.data.kinds import KINDS
+from bench.data.readers import READERS
+from bench.data.records import SPLITS, DataError
+from bench.yamlio import one_line, read_yaml
 
 
 class _Card(BaseModel):
@@ -81,7 +79,7 @@ class DatasetCard(_Card):
 
     name: str
     reader: str
-    kind: TaskKind
+    kind: str = Field(description="a registered task kind (bench.data.kinds)")
     files: dict[str, str]
     fields: dict[str, Any] = Field(default_factory=dict, description="record field -> source key (and reader options)")
     fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
@@ -104,6 +102,13 @@ class DatasetCard(_Card):
             raise ValueError(f"must map some of all/train/val/test to paths, got {v!r}")
         return v
 
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in KINDS:
+            raise ValueError(f"unknown task kind {v!r}; valid: {', '.join(sorted(KINDS))}")
+        return v
+
     @field_validator("fractions")
     @classmethod
     def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
@@ -120,13 +125,11 @@ def available_cards() -> list[str]:
 def load_card(name: str) -> DatasetCard:
     """Parse and validate the card of dataset ``name``; an invalid card raises :class:`DataError` naming the
     file, the key and what would be valid."""
-    from bench.data.readers import READERS
-
     if name not in available_cards():  # a name never becomes a path before it is known to be a card
         shown = repr(name) if len(name) <= 80 else repr(name[:80]) + "..."
         raise DataError(f"unknown dataset {shown}; valid: {', '.join(available_cards())}")
     path = CARDS_DIR / f"{name}.yaml"
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "dataset card", DataError, shown=path.name) or {}
     if not isinstance(raw, dict):
         raise DataError(f"{path.name}: a card is a mapping of keys, got {type(raw).__name__}")
     if raw.get("reader") not in READERS:
@@ -138,7 +141,4 @@ def load_card(name: str) -> DatasetCard:
     try:
         return DatasetCard.model_validate({**body, "name": name, "locality": loc})
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"])
-        valid = ", ".join(sorted(DatasetCard.model_fields)) if err["type"] == "extra_forbidden" else ""
-        raise DataError(f"{path.name}: {key}: " + (f"unknown key; valid: {valid}" if valid else err["msg"])) from None
+        raise DataError(one_line(e, path.name, DatasetCard)) from None

@@ -7,10 +7,15 @@ import logging
 import os
 from pathlib import Path
 
+from bench.data.records import DataError
+
 log = logging.getLogger(__name__)
 
-from bench.data.cards import EMBEDDED_ROOT
-from bench.data.records import DataError
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+#: The dataset cards (``datasets/<name>.yaml``).
+CARDS_DIR = REPO_ROOT / "datasets"
+#: The real data subsets shipped in the repository (``datasets/data/<name>/``, each with its source and licence).
+EMBEDDED_ROOT = CARDS_DIR / "data"
 
 
 def data_root_candidates(data_root: str | os.PathLike | None = None) -> list[Path]:

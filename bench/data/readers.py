@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from bench.data.cards import DatasetCard
+from bench.data.kinds import task_kind
 from bench.data.records import DataError, EditRecord
 from bench.data.sources import DataRef
+
+if TYPE_CHECKING:  # cards read the readers' names; a card is only a type here
+    from bench.data.cards import DatasetCard
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ def read_wikitext(ref: DataRef, card: DatasetCard, extra: Mapping[str, DataRef] 
     out = []
     for i, t in enumerate(paras):
         words = paras[(i + 1) % len(paras)].split()
-        out.append(EditRecord(case_id=str(i), task=card.name, kind="generation", prompt=t, target="",
+        out.append(EditRecord(case_id=str(i), task=card.name, kind=card.kind, prompt=t, target="",
                               loc_prompt=words[0], loc_answer=" ".join(words[1 : 1 + loc_words])))
     return out
 
@@ -147,7 +150,7 @@ def check_records(records: Sequence[EditRecord], where: str) -> list[EditRecord]
     """Drop records whose prompt or target is empty (the zsRE sample has two with an empty ``alt``), logging
     how many; a file left with no usable record is an error naming it."""
     kept = [r for r in records
-            if r.prompt.strip() and (r.label is not None or r.kind == "generation" or r.target.strip())]
+            if r.prompt.strip() and (r.label is not None or not task_kind(r.kind).needs_target or r.target.strip())]
     if len(kept) < len(records):  # a handful (zsRE's sample has 2 of 800) is routine; more deserves a warning
         level = logging.INFO if len(records) - len(kept) <= 0.01 * len(records) else logging.WARNING
         log.log(level, "%s: dropped %d of %d records with an empty prompt or target", where,

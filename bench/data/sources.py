@@ -20,13 +20,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import datasets as hf_datasets  # Hugging Face's, not the repository's datasets/ folder (no __init__.py there)
 
-from bench.data.cards import EMBEDDED_ROOT, DatasetCard, HubFile
-from bench.data.files import file_sha256, read_text
+from bench.data.files import EMBEDDED_ROOT, file_sha256, read_text
 from bench.data.records import DataError
+
+if TYPE_CHECKING:  # cards read readers and sources; a card is only a type here
+    from bench.data.cards import DatasetCard, HubFile
 
 log = logging.getLogger(__name__)
 

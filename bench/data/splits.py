@@ -6,6 +6,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 log = logging.getLogger(__name__)
@@ -56,69 +57,79 @@ def load_task(
     of a split. An empty split is an error.
     """
     card = load_card(name)
-    reader = READERS[card.reader]
     root = dataset_root(source, data_root)
-    paths = dict(paths or {})
-    for k in paths:
+    for k in paths or {}:
         if k not in SPLITS:
             raise DataError(f"datasets.{name}.paths: key {k!r} is not a split; valid: {', '.join(SPLITS)}")
-    if source == "hub":
-        if card.hub is None:
-            raise DataError(f"datasets/{name}.yaml has no hub block; use source: embedded or local")
-        keys = set(card.hub.files)
-
-        def ref(key: str) -> DataRef:
-            return hub_file(card, key)
-    else:
-        keys = set(card.files) | ({"rephrase"} if card.rephrase_file else set())
-
-        def ref(key: str) -> DataRef:
-            rel = card.rephrase_file if key == "rephrase" else card.files[key]
-            return local_ref(resolve_file(rel or "", root))
-
-    extra = {"rephrase": ref("rephrase")} if "rephrase" in keys else {}
-
-    def read(r: DataRef) -> list[EditRecord]:
-        return check_records(reader(r, card, extra), r.where)
-
-    fractions = {**card.fractions, **(fractions or {})}
+    files = _CardFiles(card, source, root)
     own: dict[str, DataRef] = {}
     for s in SPLITS:
-        if paths.get(s):
-            own[s] = local_ref(resolve_file(paths[s], root))
-        elif s in keys:
-            own[s] = ref(s)
-    carved = [s for s in SPLITS if s not in own]
-    records: dict[str, list[EditRecord]] = {s: read(r) for s, r in own.items()}
+        if (paths or {}).get(s):
+            own[s] = local_ref(resolve_file((paths or {})[s], root))
+        elif s in files.keys:
+            own[s] = files.ref(s)
+    records: dict[str, list[EditRecord]] = {s: files.read(r) for s, r in own.items()}
     refs: dict[str, DataRef] = dict(own)
+    carved = [s for s in SPLITS if s not in own]
     if carved:
-        if "all" not in keys and "train" in own:
+        if "all" not in files.keys and "train" in own:
             carved = ["train", *carved]
             pool, pool_ref = records.pop("train"), own["train"]
         else:
-            if "all" not in keys and "train" not in keys:
+            if "all" not in files.keys and "train" not in files.keys:
                 raise DataError(f"datasets/{name}.yaml: no file for splits {carved} and no files.all to carve them from")
-            pool_ref = ref("all" if "all" in keys else "train")
-            pool = read(pool_ref)
-        order = list(range(len(pool)))
-        random.Random(seed).shuffle(order)
-        total = sum(fractions.get(s, 0.0) for s in carved)
-        if total <= 0:
-            raise DataError(f"datasets.{name}: fractions for {carved} sum to {total}; give positive fractions")
-        start = 0
-        for j, s in enumerate(carved):
-            n = len(pool) - start if j == len(carved) - 1 else int(round(len(pool) * fractions.get(s, 0.0) / total))
-            records[s] = [pool[i] for i in order[start : start + n]]
-            refs[s] = pool_ref
-            start += n
-    sizes = sizes or {}
+            pool_ref = files.ref("all" if "all" in files.keys else "train")
+            pool = files.read(pool_ref)
+        for s, part in _carve(name, pool, carved, {**card.fractions, **(fractions or {})}, seed).items():
+            records[s], refs[s] = part, pool_ref
     for s in SPLITS:
-        n = sizes.get(s)
+        n = (sizes or {}).get(s)
         if n is not None:
             records[s] = records[s][:n]
         if not records[s]:
             raise DataError(f"dataset {name!r}: split {s!r} is empty (file {refs[s].where}); check its size/fraction")
     return TaskData(card=card, splits={s: records[s] for s in SPLITS}, refs=refs, root=root)
+
+
+class _CardFiles:
+    """A card's files from one source: which keys it has (splits, ``all``, ``rephrase``), the reference of each
+    (a Hub split for ``source: hub``, else a local file under ``root``) and its records."""
+
+    def __init__(self, card: DatasetCard, source: str | None, root: Path | None) -> None:
+        self.card, self.source, self.root = card, source, root
+        if source == "hub":
+            if card.hub is None:
+                raise DataError(f"datasets/{card.name}.yaml has no hub block; use source: embedded or local")
+            self.keys = set(card.hub.files)
+        else:
+            self.keys = set(card.files) | ({"rephrase"} if card.rephrase_file else set())
+        self.extra = {"rephrase": self.ref("rephrase")} if "rephrase" in self.keys else {}
+
+    def ref(self, key: str) -> DataRef:
+        if self.source == "hub":
+            return hub_file(self.card, key)
+        rel = self.card.rephrase_file if key == "rephrase" else self.card.files[key]
+        return local_ref(resolve_file(rel or "", self.root))
+
+    def read(self, r: DataRef) -> list[EditRecord]:
+        return check_records(READERS[self.card.reader](r, self.card, self.extra), r.where)
+
+
+def _carve(name: str, pool: list[EditRecord], splits: list[str], fractions: dict[str, float], seed: int
+           ) -> dict[str, list[EditRecord]]:
+    """``pool`` cut into ``splits`` in proportion to their ``fractions`` after a permutation seeded with ``seed``
+    (the last split takes the remainder)."""
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    total = sum(fractions.get(s, 0.0) for s in splits)
+    if total <= 0:
+        raise DataError(f"datasets.{name}: fractions for {splits} sum to {total}; give positive fractions")
+    out, start = {}, 0
+    for j, s in enumerate(splits):
+        n = len(pool) - start if j == len(splits) - 1 else int(round(len(pool) * fractions.get(s, 0.0) / total))
+        out[s] = [pool[i] for i in order[start : start + n]]
+        start += n
+    return out
 
 
 def split_overlaps(task: TaskData, own: Sequence[str]) -> list[tuple[str, str, str, str, int]]:

@@ -1,0 +1,239 @@
+"""``EditableModel``: a frozen Hugging Face model run with replaced weights (``torch.func.functional_call``; the
+module itself is never mutated), its tokenizer, family and kind, the weights an editor may change, and hidden
+states traced through forward hooks."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from bench.models.families import FAMILIES, FamilySpec, Kind, ModelSpecError
+
+
+class StopForward(Exception):
+    """Raised inside a forward hook to end a forward pass early (see :meth:`EditableModel.capture`)."""
+
+
+@dataclass
+class LayerIO:
+    """What a module saw and produced in one forward pass: its first positional input and its output (the first
+    element when the module returns a tuple, as transformer blocks may)."""
+
+    input: Tensor
+    output: Tensor
+
+
+def _first(x: object) -> Tensor:
+    return x[0] if isinstance(x, tuple) else x  # type: ignore[return-value]
+
+
+@dataclass
+class EditableModel:
+    """A frozen Hugging Face model plus what an editor needs to know about it.
+
+    Promises: every parameter has ``requires_grad=False`` and the module is in eval mode; ``edit_params`` are
+    names of 2-D weights in model order; ``conv1d`` tells whether those weights are stored (in, out).
+
+    ``applied`` holds weight deltas that every forward pass adds (see :meth:`applying`): the model "as already
+    edited" for sequential editing, without touching the module's parameters. Views made by
+    :meth:`with_edit_params` share it (and the module).
+    """
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    family: str
+    kind: Kind
+    edit_params: list[str]
+    conv1d: bool = False
+    meta: dict = field(default_factory=dict)
+    applied: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        named = dict(self.model.named_parameters())
+        for n in self.edit_params:
+            if n not in named:
+                raise ModelSpecError(f"edit parameter {n!r} is not a parameter of {self.name}")
+            if named[n].dim() != 2:
+                raise ModelSpecError(f"edit parameter {n!r} has shape {tuple(named[n].shape)}; only 2-D weights")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def spec(self) -> FamilySpec:
+        """The family table entry of this model."""
+        return FAMILIES[self.family]
+
+    @property
+    def n_layers(self) -> int:
+        """Number of transformer blocks of a decoder-only model (``config.num_hidden_layers`` / ``n_layer``)."""
+        cfg = self.model.config
+        n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+        if not n:
+            raise ModelSpecError(f"{self.name}: config has no num_hidden_layers / n_layer")
+        return int(n)
+
+    def mlp_out(self, layer: int) -> str:
+        """Module name of the MLP output projection of block ``layer`` (decoder-only families)."""
+        return self._layer_module(self.spec.mlp_out, layer, "mlp_out")
+
+    def block(self, layer: int) -> str:
+        """Module name of transformer block ``layer`` (decoder-only families)."""
+        return self._layer_module(self.spec.block, layer, "block")
+
+    def _layer_module(self, template: str, layer: int, what: str) -> str:
+        if not template:
+            raise ModelSpecError(f"family {self.family!r} ({self.kind}) has no {what} module in the family table; "
+                                 f"only decoder-only families do")
+        if not 0 <= layer < self.n_layers:
+            raise ModelSpecError(f"layer {layer} is out of range for {self.name} (0..{self.n_layers - 1})")
+        return template.format(layer)
+
+    def with_edit_params(self, names: list[str]) -> "EditableModel":
+        """A view of the same module (and the same ``applied`` deltas) that edits ``names`` instead."""
+        return dataclasses.replace(self, edit_params=list(names))
+
+    def weights(self) -> dict[str, Tensor]:
+        """The base model's edited weights by name (the live tensors, without ``applied``; do not modify them)."""
+        named = dict(self.model.named_parameters())
+        return {n: named[n] for n in self.edit_params}
+
+    def io_dims(self, name: str) -> tuple[int, int]:
+        """(input dim, output dim) of an edited weight, whatever its storage layout."""
+        w = dict(self.model.named_parameters())[name]
+        return (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
+
+    def outer(self, u: Tensor, delta: Tensor) -> Tensor:
+        """sum_i delta_i u_i^T laid out like the stored weight: (out, in) for Linear, (in, out) for Conv1D."""
+        if self.conv1d:
+            return u.transpose(0, 1) @ delta
+        return delta.transpose(0, 1) @ u
+
+    def module_of(self, param_name: str) -> nn.Module:
+        """The module that owns a parameter (``a.b.weight`` -> module ``a.b``)."""
+        return self.model.get_submodule(param_name.rsplit(".", 1)[0])
+
+    @contextmanager
+    def applying(self, deltas: Mapping[str, Tensor]) -> Iterator[None]:
+        """Within the block every forward pass (``logits``, ``capture``) sees ``W + deltas`` (on top of what is
+        already applied); the module's parameters are never modified. Restores the previous state on exit."""
+        saved = dict(self.applied)
+        try:
+            for n, d in deltas.items():
+                d = d.detach()
+                self.applied[n] = self.applied[n] + d if n in self.applied else d
+            yield
+        finally:
+            self.applied.clear()
+            self.applied.update(saved)
+
+    def logits(self, inputs: Mapping[str, Tensor], deltas: Mapping[str, Tensor] | None = None,
+               weights: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Logits of the model on ``inputs`` with ``W + dW`` for every weight in ``deltas`` (and in ``applied``),
+        where ``W`` is ``weights[name]`` for the parameters ``weights`` names (another set of base weights, such as
+        ENN's copy of the original ones) and the module's own parameter otherwise.
+
+        Uses ``torch.func.functional_call``; the module's own parameters are not touched. Classifier logits
+        are returned as (B, 1, C) so every kind is (B, T, V) and token labels align position by position.
+        """
+        total = dict(self.applied)
+        for n, d in (deltas or {}).items():
+            total[n] = total[n] + d if n in total else d
+        if total or weights:
+            base = {**dict(self.model.named_parameters()), **(weights or {})} if total else {}
+            params = {**(weights or {}), **{n: base[n] + d for n, d in total.items()}}
+            out = torch.func.functional_call(self.model, params, args=(), kwargs=dict(inputs), strict=False)
+        else:
+            out = self.model(**inputs)
+        logits = out.logits
+        return logits.unsqueeze(1) if self.kind == "classifier" else logits
+
+    def logits_at(self, inputs: Mapping[str, Tensor], rows: Tensor, cols: Tensor,
+                  deltas: Mapping[str, Tensor] | None = None) -> Tensor:
+        """(N, V) logits at positions ``(rows[i], cols[i])`` only (causal models): the forward pass stops at the
+        output head's input and the head runs on the N chosen positions, not on every position (equal to
+        ``logits(inputs, deltas)[rows, cols]``; much cheaper with a large vocabulary). Keeps the autograd graph."""
+        head = self.model.get_output_embeddings()
+        seen: dict[str, Tensor] = {}
+
+        def grab(mod: nn.Module, args: tuple) -> None:
+            seen["h"] = args[0]
+            raise StopForward("output head")
+
+        handle = head.register_forward_pre_hook(grab)
+        try:
+            self.logits(inputs, deltas)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+        return head(seen["h"][rows, cols])
+
+    @contextmanager
+    def trace(self, modules: Sequence[str], edit_output: Callable[[str, Tensor], Tensor] | None = None,
+              stop_after: str | None = None) -> Iterator[dict[str, LayerIO]]:
+        """Record the input and output of each named module in every forward pass run inside the block.
+
+        The yielded dict maps module name -> :class:`LayerIO` of the latest pass (tensors as produced: outputs
+        keep their autograd graph). ``edit_output(name, output)`` may return a replacement output (ROME adds its
+        value delta; gradient capture starts a graph there). ``stop_after`` raises :class:`StopForward` once
+        that module has run, which the caller catches (see :meth:`capture`). Hooks are removed on exit.
+        """
+        store: dict[str, LayerIO] = {}
+
+        def hook(name: str) -> Callable:
+            def fn(mod: nn.Module, inp: tuple, out: object) -> object:
+                o = _first(out)
+                if edit_output is not None:
+                    new = edit_output(name, o)
+                    if new is not o:
+                        out = (new, *out[1:]) if isinstance(out, tuple) else new
+                        o = new
+                store[name] = LayerIO(inp[0] if inp else o, o)
+                if name == stop_after:
+                    raise StopForward(name)
+                return out
+
+            return fn
+
+        handles = [self.model.get_submodule(m).register_forward_hook(hook(m)) for m in modules]
+        try:
+            yield store
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def capture(self, inputs: Mapping[str, Tensor], modules: Sequence[str],
+                deltas: Mapping[str, Tensor] | None = None) -> dict[str, LayerIO]:
+        """Inputs and outputs of the named modules for ``inputs`` (with ``deltas`` and ``applied``), without
+        gradients; the forward pass stops after the deepest of them (the rest of the model is not run)."""
+        order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
+        missing = [m for m in modules if m not in order]
+        if missing:
+            raise ModelSpecError(f"{self.name} has no module {missing[0]!r}")
+        last = max(modules, key=order.__getitem__)
+        with self.trace(modules, stop_after=last) as store:
+            try:
+                self.logits(inputs, deltas)
+            except StopForward:
+                pass
+        return dict(store)
+
+
+def weights_digest(model: "EditableModel") -> str:
+    """SHA-256 over every parameter's bytes, in name order: proves whether the base model changed, and keys what is
+    cached about a model's current weights."""
+    h = hashlib.sha256()
+    for n, p in sorted(model.model.named_parameters(), key=lambda kv: kv[0]):
+        h.update(n.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
