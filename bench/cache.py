@@ -19,6 +19,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import platformdirs
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -29,7 +31,6 @@ def cache_root() -> Path:
     env = os.environ.get("EDITBENCH_CACHE")
     if env:
         return Path(env)
-    import platformdirs
 
     return Path(platformdirs.user_cache_dir("editbench"))
 
@@ -39,7 +40,7 @@ def rng_kept() -> AbstractContextManager:
     undone on exit, seed included. Whatever is cached because it is expensive runs in one (generated targets,
     a prepared base model, tiny random models): a trial's random state is then what its seed made it, whether
     such a product was computed in the trial or read from the cache (or prepared by the driver)."""
-    import torch
+    import torch  # heavy: only to keep its random state
 
     return torch.random.fork_rng(devices=None if torch.cuda.is_available() else [])
 

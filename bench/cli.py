@@ -6,11 +6,15 @@ with exit code 2 (``-v`` adds the traceback).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
+import re
+import reprlib
 import sys
 import tempfile
 import traceback
+import unicodedata
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,8 +33,6 @@ def cut(text: str, limit: int = ECHO_LIMIT) -> str:
 def clip(value: Any, limit: int = ECHO_LIMIT) -> str:
     """``repr(value)`` for an error message, cut to ``limit`` characters (see :func:`cut`). Containers are
     abbreviated while being written (``reprlib``), so a YAML alias bomb costs nothing to show."""
-    import reprlib
-
     r = reprlib.Repr()
     r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 8, 8, 8, 8
     r.maxstring = r.maxother = r.maxlong = limit
@@ -111,8 +113,6 @@ def check_writable_file(path: Path, what: str) -> Path:
 def control_characters(text: str) -> list[str]:
     """The control characters in ``text`` (Unicode category Cc/Cs: NUL, tabs, newlines, escapes, lone
     surrogates), each as ``repr`` shows it; empty when there is none."""
-    import unicodedata
-
     return sorted({repr(c) for c in text if unicodedata.category(c) in ("Cc", "Cs")})
 
 
@@ -121,9 +121,6 @@ def slug(text: str, max_len: int = 80) -> str:
     ``-`` are kept, any other run of characters becomes ``-``, leading dots and dashes are dropped (no ``..``, no
     hidden file), and a name that changed or was long gets 8 hex of its sha256 so two names never share a slug.
     Never empty."""
-    import hashlib
-    import re
-
     s = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-") or "unnamed"
     if s == text and len(s) <= max_len:
         return s

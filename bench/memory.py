@@ -3,9 +3,11 @@ and keeping the CPU allocator from handing freed memory back between steps (glib
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import re
+import resource
 import time
 from typing import Any
 
@@ -22,8 +24,6 @@ def _proc_status_kb(key: str) -> int:
 
 def _libc() -> Any:
     """glibc, or None where the C library is another (macOS, musl): its heap calls are then skipped."""
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -122,7 +122,5 @@ class PeakMemory:
         elif self.exact:
             peak = _proc_status_kb("VmHWM") * 1024
         else:
-            import resource
-
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.mb = max(0.0, (peak - self.base) / 2**20)

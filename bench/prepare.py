@@ -12,17 +12,18 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench import progress
+from bench.cache import cache_root, cached, rng_kept
 from bench.cli import slug
 from bench.data import TaskData, collate
-from bench.cache import cache_root, cached, rng_kept
 from bench.models import load_model
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,6 @@ def prepare_base(model_name: str, task: TaskData, seed: int, settings: dict[str,
     model.tokenizer.save_pretrained(tmp)
     (tmp / "prepared.json").write_text(json.dumps(info, indent=2))
     if folder.exists():
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.replace(folder)
@@ -141,8 +140,6 @@ def generation_targets(model: Any, records: list, seed: int, n_tokens: int = 10,
     whole words removed (seeded). Deterministic: the same inputs give the same records, from the cache when
     present.
     """
-    from dataclasses import replace
-
     tok = model.tokenizer
     inputs = {"model": model.name, "tag": cache_tag, "seed": seed, "n": n_tokens, "max": max_prompt_tokens,
               "ids": [r.case_id for r in records],

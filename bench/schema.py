@@ -110,3 +110,19 @@ class Param:
     def col(name: str) -> str:
         """The column of param ``name`` in a runs frame (``p.<name>``)."""
         return f"p.{name}"
+
+
+def metrics_table() -> str:
+    """The metric schema as the Markdown table ``docs/metrics.md`` shows (a test keeps the page equal to it;
+    ``python -m bench.schema`` prints it)."""
+    better = {True: "higher", False: "lower", None: "-"}
+    rows = ["| metric | style | better | 95% CI | mean over | in every run | description |",
+            "|---|---|---|---|---|---|---|"]
+    for m in METRICS:
+        rows.append(f"| `{m.name}` | {m.style} | {better[m.higher]} | {'yes' if m.ci else ''} | {m.per} | "
+                    f"{'yes' if m.required else ''} | {m.description.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(metrics_table())

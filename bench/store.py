@@ -111,7 +111,7 @@ def _artifact_root(uri: str) -> str | None:
 def client(uri: str) -> Any:
     """An MlflowClient bound to ``uri`` (no global state is changed). A local sqlite store that does not exist yet
     is first created from the cached empty schema (:func:`_new_sqlite_store`)."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # heavy (seconds): only when a store is opened
 
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
@@ -122,7 +122,7 @@ def client(uri: str) -> Any:
 
 def _empty_schema() -> bytes:
     """The bytes of a new, empty sqlite store made by this MLflow (its migrations run once, ~7 s on 2 cores)."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # heavy (seconds): only when a store is opened
 
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "schema.db"

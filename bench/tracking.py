@@ -8,15 +8,19 @@ because concurrent first use of a sqlite store races.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import subprocess
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
+
+import polars as pl
 
 # The store's side, re-exported: callers name everything MLflow through this module.
 from bench.store import (KNOWN_SCHEMES, REPO_ROOT, TrackingError, check_tracking_uri, client,  # noqa: F401
@@ -27,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: Tags of the suite's runs (one place for their names).
 SWEEP_ID_TAG = "sweep_id"
+#: The commit the code of the run was at (``-dirty`` with uncommitted changes).
+GIT_COMMIT_TAG = "git.commit"
 
 
 CONFIG_DIGEST_TAG = "editbench.config_digest"
@@ -101,9 +107,9 @@ def environment_tags(device: str) -> dict[str, str]:
                                 timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True,
                                timeout=5).stdout.strip()
-        tags["git.commit"] = commit + ("-dirty" if dirty else "") if commit else "unknown"
+        tags[GIT_COMMIT_TAG] = commit + ("-dirty" if dirty else "") if commit else "unknown"
     except (OSError, subprocess.SubprocessError):
-        tags["git.commit"] = "unknown"
+        tags[GIT_COMMIT_TAG] = "unknown"
     for pkg in ("torch", "transformers", "mlflow", "ray", "editbench"):
         try:
             tags[f"version.{pkg}"] = metadata.version(pkg)
@@ -122,7 +128,7 @@ class TrialRun:
         self.artifact_uri: str = run.info.artifact_uri
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # heavy: MLflow loads when a run is written
 
         flat = flatten(params)
         items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
@@ -130,10 +136,7 @@ class TrialRun:
             self.client.log_batch(self.run_id, params=items[i : i + 90])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import math
-        import time
-
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # heavy: MLflow loads when a run is written
 
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
@@ -157,10 +160,8 @@ class TrialRun:
         (``mlflow.data.from_huggingface``; the context is the split it served), so the UI's Dataset column and
         filter show what the run was measured on. The digest is the data's own (a file's sha256, a Hub split's
         fingerprint), cut to the 36 characters MLflow keeps."""
-        import mlflow.data
+        import mlflow.data  # heavy: MLflow loads when a run is written
         from mlflow.entities import DatasetInput, InputTag
-
-        import warnings
 
         items = []
         for name, context, ds, digest, call in inputs:
@@ -188,8 +189,6 @@ class TrialRun:
 
     def log_table(self, rows: list[dict[str, Any]], name: str = "per_edit.parquet") -> None:
         """Write rows as a parquet artifact (polars)."""
-        import polars as pl
-
         with tempfile.TemporaryDirectory() as tmp:
             f = Path(tmp) / name
             pl.DataFrame(rows, infer_schema_length=None).write_parquet(f)
@@ -252,8 +251,6 @@ def close_open_runs(uri: str, experiment: str, status: str, reason: str, sweep_i
 def runs_frame(uri: str, experiment: str, filter_string: str = "") -> Any:
     """All runs of an experiment as a polars DataFrame: run id/name/status/start time (ms), params (``p.``), metrics,
     tags (``t.``)."""
-    import polars as pl
-
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:

@@ -59,7 +59,7 @@ def _trainable(config: dict[str, Any], todo: list[dict[str, Any]], bundle: dict[
     import ray  # heavy: Ray and the trial's torch stack load where trials run, not for a dry run
     from ray import tune
 
-    from bench.trial import run_trial
+    from bench.trial import run_trial  # heavy (torch, transformers): in the Ray worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     point = dict(todo[int(config["trial"])])
@@ -182,7 +182,7 @@ def run_tune(args: Any, sweep: Sweep, todo: list[dict[str, Any]], uri: str, expe
 
 def _start_ray(args: Any, sweep: Sweep) -> None:
     """Join the cluster at ``--address`` (with its token; its devices checked), or start a local one."""
-    import ray
+    import ray  # heavy (seconds): only when trials run
 
     worker_env = trial_worker_env(sweep.resources.cpu)
     if not args.address:

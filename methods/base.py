@@ -19,6 +19,7 @@ pydantic model per method with the paper's defaults.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -29,9 +30,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from bench import losses
 from bench.data.batches import EditBatch
 from bench.data.records import EditRecord
 from bench.models import EditableModel, weights_digest  # noqa: F401 (re-exported)
+from methods import nets
 from methods.budget import Budget, selection_rank
 
 log = logging.getLogger(__name__)
@@ -173,13 +176,8 @@ class Editor:
         """16 hex digits of sha256 over the source of the modules this editor's class hierarchy lives in, the
         shared networks (``methods/nets.py``) and the losses (``bench/losses.py``): a trained editor is reused only
         by the same code (see ``bench.trial``'s training key)."""
-        import inspect
-
-        import bench.losses
-        import methods.nets
-
         files = {inspect.getsourcefile(k) for k in cls.__mro__ if k.__module__.startswith("methods")}
-        files |= {inspect.getsourcefile(methods.nets), inspect.getsourcefile(bench.losses)}
+        files |= {inspect.getsourcefile(nets), inspect.getsourcefile(losses)}
         h = hashlib.sha256()
         for f in sorted(x for x in files if x):
             h.update(Path(f).name.encode() + b"\0" + Path(f).read_bytes())
@@ -238,7 +236,7 @@ class Editor:
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>/editor.safetensors`` and ``<path>/editor.json``; returns the folder."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # only when an editor is saved
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -248,7 +246,7 @@ class Editor:
 
     def load(self, path: str | Path) -> None:
         """Load a checkpoint written by :meth:`save`; refuses one made for another method, family or weights."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # only when an editor is loaded
 
         path = Path(path)
         meta = json.loads((path / "editor.json").read_text())
@@ -279,8 +277,6 @@ def gradient_factors(model: EditableModel, batch: EditBatch, deltas: Mapping[str
     rows where either is all zero (padding, positions after the target) are dropped. Only the edited modules'
     outputs are differentiated: autograd stops at the lowest edited layer and forms no weight gradient.
     """
-    from bench.losses import seq_logprob
-
     modules = {n: n.rsplit(".", 1)[0] for n in model.edit_params}
 
     def start_graph(name: str, out: Tensor) -> Tensor:
@@ -289,7 +285,7 @@ def gradient_factors(model: EditableModel, batch: EditBatch, deltas: Mapping[str
 
     with torch.enable_grad(), model.trace(list(dict.fromkeys(modules.values())), edit_output=start_graph) as io:
         logits = model.logits(batch.inputs, None if deltas is None else {k: v.detach() for k, v in deltas.items()})
-        loss = -seq_logprob(logits, batch.labels).sum()
+        loss = -losses.seq_logprob(logits, batch.labels).sum()
         outs = [io[modules[n]].output for n in model.edit_params]
         grads = torch.autograd.grad(loss, outs, allow_unused=True)
     factors: dict[str, tuple[Tensor, Tensor]] = {}

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from bench.config.schema import DatasetEntry, Sweep, SweepError, TrialSpec, TuneSpec
-from bench.data import DataError, dataset_root, file_sha256, hub_file, load_card, resolve_file
+from bench.data import DataError, dataset_root, file_sha256, hub_file, load_card, pack_files, resolve_file
 from bench.yamlio import one_line
 from methods import REGISTRY
 from methods.budget import budget_digest_fields
@@ -93,8 +93,6 @@ def ship_data(sweep: Sweep, todo: list[dict[str, Any]]) -> tuple[dict[str, bytes
     """What the trials need from the data root, packed (``bench.data.pack_files``) to travel with them, and the
     trials rewritten to read it: ``paths`` files become relative paths inside the bundle and ``data_root`` is
     left for the worker to set where it unpacks. A worker then needs no file of the driver's machine."""
-    from bench.data import pack_files
-
     files: dict[str, Path] = {}
     mounted: dict[str, dict[str, str]] = {}  # dataset entry -> its paths as mounted in the bundle
     for ds in sweep.datasets:

@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from bench.data.files import CARDS_DIR, EMBEDDED_ROOT, REPO_ROOT  # noqa: F401 (re-exported)
-from bench.data.kinds import KINDS
+from bench.data.kinds import task_kind
 from bench.data.readers import READERS
 from bench.data.records import SPLITS, DataError
 from bench.yamlio import one_line, read_yaml
@@ -105,9 +105,7 @@ class DatasetCard(_Card):
     @field_validator("kind")
     @classmethod
     def _kind(cls, v: str) -> str:
-        if v not in KINDS:
-            raise ValueError(f"unknown task kind {v!r}; valid: {', '.join(sorted(KINDS))}")
-        return v
+        return task_kind(v).name  # a DataError (a ValueError) names the registered kinds
 
     @field_validator("fractions")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from bench.data.records import DataError
@@ -107,8 +108,6 @@ def pack_files(files: dict[str, Path]) -> dict[str, bytes]:
 def unpack_files(bundle: dict[str, bytes], parent: Path | None = None) -> Path:
     """Write a :func:`pack_files` bundle under a data root named by its content (reused when already there,
     written atomically per file) and return that root, for ``data_root`` of a trial on any node."""
-    import tempfile
-
     h = hashlib.sha256()
     for rel in sorted(bundle):
         h.update(rel.encode() + b"\0" + hashlib.sha256(bundle[rel]).digest())

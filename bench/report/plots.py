@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 def plot_training(curves: dict[str, list[tuple[int, float, float]]], out: Path) -> Path:
     """Validation ES and loss against training step, one line per training."""
-    import matplotlib
+    import matplotlib  # heavy (~1 s): only when a report draws plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -34,7 +34,7 @@ def plot_training(curves: dict[str, list[tuple[int, float, float]]], out: Path) 
 
 def make_plots(df: Any, out: Path) -> dict[str, Path]:
     """ES vs drawdown per task, ES vs batch size, memory per editor."""
-    import matplotlib
+    import matplotlib  # heavy (~1 s): only when a report draws plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -82,7 +82,7 @@ def make_plots(df: Any, out: Path) -> dict[str, Path]:
 
 def plot_retention(curves: dict[tuple[str, str, str], list[tuple[int, float, float]]], out: Path) -> Path:
     """ES on all edits so far against the number of sequential edits, one line per editor (and task/model)."""
-    import matplotlib
+    import matplotlib  # heavy (~1 s): only when a report draws plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

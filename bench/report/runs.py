@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from bench.schema import BY_NAME, Param
-from bench.tracking import CONFIG_DIGEST_TAG, FIT_KEPT_INITIAL_TAG, FIT_STOP_TAG, SAMPLED_TAG, TRAIN_KEY_TAG
 from bench.tracking import KIND_TAG as REPORT_TAG  # one place for tag names
-from bench.tracking import TRAINED_FROM_TAG
+from bench.tracking import (CONFIG_DIGEST_TAG, FIT_KEPT_INITIAL_TAG, FIT_STOP_TAG, SAMPLED_TAG, TRAIN_KEY_TAG,
+                            TRAINED_FROM_TAG, client, runs_frame)
 from methods.base import BUDGET_LIMITED
 
 
@@ -55,10 +57,6 @@ def load_runs(uri: str, experiment: str) -> Any:
     hyper-parameters or training budget (a grid or search space) are different configurations: their ``method``
     column names the differing values, e.g. ``ft (hparams.lr=0.001)``, so no table pools across them.
     """
-    import polars as pl
-
-    from bench.tracking import client, runs_frame
-
     if client(uri).get_experiment_by_name(experiment) is None:
         raise ReportError(f"unknown experiment {experiment!r} in {uri}")
     df = runs_frame(uri, experiment)
@@ -99,8 +97,6 @@ def _largest_test_set(df: Any) -> Any:
     ones). Their test edits are the first ``n_edits`` of the same split (seed, files and options are params), so the
     smaller runs' edits are the larger one's first ones: pooling them would count those edits twice and narrow the
     CI as if they were new. Runs whose params differ anywhere else (seed, hyper-parameters, files) are untouched."""
-    import polars as pl
-
     if Param.col(Param.N_EDITS) not in df.columns:
         return df
     same = [c for c in sorted(df.columns) if c.startswith("p.") and c not in TEST_SIZE_PARAMS]
@@ -138,8 +134,6 @@ def pm(mean: float, ci: float, digits: int = 3) -> str:
 
 
 def cell_runs(df: Any, **eq: Any) -> list[dict]:
-    import polars as pl
-
     sub = df
     for k, v in eq.items():
         sub = sub.filter(pl.col(k) == v)
@@ -226,8 +220,6 @@ def gain(runs: list[dict]) -> str:
 def retention_curves(uri: str, df: Any) -> dict[tuple[str, str, str], list[tuple[int, float, float]]]:
     """(method, dataset, model) -> [(edits so far, retention ES, retention locality agreement)] from the metric
     history of the sequential runs (averaged over runs of one key at equal edit counts)."""
-    from bench.tracking import client
-
     c = client(uri)
     acc: dict[tuple[str, str, str], dict[int, list[tuple[float, float]]]] = {}
     for r in df.to_dicts():
@@ -267,8 +259,6 @@ def trained_runs(df: Any) -> list[dict]:
 def validation_curves(uri: str, runs: list[dict]) -> dict[str, list[tuple[int, float, float]]]:
     """Row label -> [(step, val_es, val_loss)] of each trained run's fit, from its metric history (a run that
     loaded its editor: its source run's history, where the training happened)."""
-    from bench.tracking import client
-
     c = client(uri)
     curves: dict[str, list[tuple[int, float, float]]] = {}
     for r in runs:
@@ -287,8 +277,6 @@ def training_label(r: dict) -> str:
 def tuning_runs(uri: str, experiment: str) -> list[dict]:
     """The sampled trial runs of ``experiment`` (a search space's draws): FINISHED ones and those a scheduler
     stopped (KILLED), newest run per run name; empty when the experiment sampled nothing."""
-    from bench.tracking import runs_frame
-
     df = runs_frame(uri, experiment)
     if df.is_empty() or f"t.{SAMPLED_TAG}" not in df.columns:
         return []

@@ -3,6 +3,7 @@ batch size (Table 5), cost, retention, training and tuning."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Mapping
 
@@ -180,8 +181,6 @@ def table_tuning(runs: list[dict]) -> tuple[list[str], list[list[str]], str]:
     """One row per sample of every tuned grid point: the values drawn, whether it finished or the scheduler
     stopped it, its validation ES / loss (the fit's chosen checkpoint; for a stopped trial, its last validation),
     training steps, test ES and its gain over the unedited model; the chosen sample of each point in bold."""
-    import json
-
     points: dict[str, list[dict]] = {}
     for r in runs:
         points.setdefault(r.get(f"t.{POINT_DIGEST_TAG}") or r["run_name"], []).append(r)
