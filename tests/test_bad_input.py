@@ -153,6 +153,12 @@ CASES: dict[str, Case] = {
                                             r"resources.cpu: 4096.0 per trial, but this machine has \d+ CPU"),
     "run: alias bomb is echoed short": Case("run", run_case(raw=BOMB + yaml.safe_dump(BASE)),
                                             r"description: Input should be a valid string \(got \[\['x', "),
+    "run: an empty paths entry": Case(
+        "run", run_case(sweep(datasets=[{"name": "zsre", "paths": {"test": ""}}])),
+        r"datasets.0.paths: test: an empty path; name the file that replaces the card's test split"),
+    "run: a paths entry that is a folder": Case(
+        "run", lambda t, s: [write(t, sweep(datasets=[{"name": "zsre", "paths": {"test": str(t)}}]))],
+        r"datasets.0 \(zsre\): data file '.*': .* is a folder; name a file in it"),
     "run: paths file shares records with training": Case(
         "run", lambda t, s: [write(t, sweep(datasets=[{"name": "zsre", "paths": {
             "test": write(t, raw=json.dumps(zsre_rows(5)), name="test.json")}}]))],

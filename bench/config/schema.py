@@ -88,6 +88,8 @@ class DatasetEntry(Strict):
     def _paths_printable(cls, v: dict[str, str]) -> dict[str, str]:
         for k, p in v.items():
             _printable(p, f"{k}: ")
+            if not p.strip():
+                raise ValueError(f"{k}: an empty path; name the file that replaces the card's {k} split")
         return v
 
 

@@ -32,12 +32,15 @@ def data_root_candidates(data_root: str | os.PathLike | None = None) -> list[Pat
 
 def resolve_file(rel: str, data_root: str | os.PathLike | None = None) -> Path:
     """Absolute path of a data file; a missing file raises :class:`DataError` naming every place tried (a name the
-    file system cannot hold, too long or with a NUL, is missing too)."""
+    file system cannot hold, too long or with a NUL, is missing too), a folder one saying it is a folder."""
     def exists(p: Path) -> bool:
         try:
-            return p.exists()
+            found = p.exists()
         except (OSError, ValueError):  # ENAMETOOLONG, an embedded NUL byte
             return False
+        if found and p.is_dir():
+            raise DataError(f"data file {rel!r}: {str(p)[:200]} is a folder; name a file in it")
+        return found
 
     p = Path(rel).expanduser()
     if p.is_absolute():
