@@ -28,10 +28,10 @@ from bench.config import TrialSpec
 from bench.data import apply_locality, load_task, task_kind
 from bench.memory import PeakMemory, keep_freed_memory
 from bench.metrics import evaluate
-from bench.probes import base_correct
-from bench.schema import REQUIRED, STYLES, Param
 from bench.models import load_model
 from bench.prepare import generation_targets, prepare_base
+from bench.probes import base_correct
+from bench.schema import REQUIRED, STYLES, Param
 from methods import Budget, FitResult, get_editor
 from methods.base import weights_digest
 from methods.budget import budget_digest_fields
