@@ -7,7 +7,6 @@ import logging
 import sys
 from typing import Any
 
-import polars as pl
 from rich.console import Console
 from rich.table import Table
 
@@ -25,6 +24,7 @@ SUMMARY_COLUMNS = ["method", "model", "dataset", "edit_batch_size", "edit_mode",
 
 def summary(tracking_uri: str, experiment: str, digests: set[str]) -> Any:
     """The newest run of each of the sweep's configurations (finished earlier or now), one row each."""
+    import polars as pl  # lazily: importing polars makes blocking waits ignore Ctrl-C until they end
     df = runs_frame(tracking_uri, experiment)
     col = f"t.{CONFIG_DIGEST_TAG}"
     if df.is_empty() or col not in df.columns:
@@ -44,6 +44,7 @@ def fit_column(df: Any) -> Any:
     ended, "diverged‡ (step S, kept 0)" for one whose validation never beat the untrained editor's, or "-" for
     editors that do not train; "‡" after any fit that kept its untrained state, ", loaded" when the editor came
     from another run's training."""
+    import polars as pl  # lazily: importing polars makes blocking waits ignore Ctrl-C until they end
     tag = f"t.{FIT_STOP_TAG}"
     if tag not in df.columns:
         return pl.lit("-").alias("fit")

@@ -20,8 +20,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import polars as pl
-
 # The store's side, re-exported: callers name everything MLflow through this module.
 from bench.store import (KNOWN_SCHEMES, REPO_ROOT, TrackingError, check_tracking_uri, client,  # noqa: F401
                          default_tracking_uri, ping, prepare_experiment, sqlite_path)
@@ -189,6 +187,7 @@ class TrialRun:
 
     def log_table(self, rows: list[dict[str, Any]], name: str = "per_edit.parquet") -> None:
         """Write rows as a parquet artifact (polars)."""
+        import polars as pl  # lazily: importing polars makes blocking waits ignore Ctrl-C until they end
         with tempfile.TemporaryDirectory() as tmp:
             f = Path(tmp) / name
             pl.DataFrame(rows, infer_schema_length=None).write_parquet(f)
@@ -251,6 +250,7 @@ def close_open_runs(uri: str, experiment: str, status: str, reason: str, sweep_i
 def runs_frame(uri: str, experiment: str, filter_string: str = "") -> Any:
     """All runs of an experiment as a polars DataFrame: run id/name/status/start time (ms), params (``p.``), metrics,
     tags (``t.``)."""
+    import polars as pl  # lazily: importing polars makes blocking waits ignore Ctrl-C until they end
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:

@@ -28,8 +28,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
 from bench import cli
 from bench.report.plots import make_plots, plot_retention, plot_training
 from bench.report.properties import table_properties
@@ -46,6 +44,7 @@ from bench.tracking import KIND_TAG as REPORT_TAG  # one place for tag names
 
 def build(uri: str, experiment: str, out: Path, formats: list[str]) -> Report:
     """Read the runs, write every table in ``formats`` and the plots into ``out``; return the report."""
+    import polars as pl  # lazily: importing polars makes blocking waits ignore Ctrl-C until they end
     df = load_runs(uri, experiment)
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(experiment=experiment, n_runs=df.height)
@@ -118,6 +117,7 @@ def results_block(uri: str, experiment: str) -> str:
     """The experiment's results table as the README and ``docs/results.md`` show it, regenerated from its runs: the
     report's results table (Tables 3/4), its note, and where the numbers come from (the command that ran the
     sweep, the commit(s) its runs ran at and the date of the newest one)."""
+    import polars as pl  # lazily: importing polars makes blocking waits ignore Ctrl-C until they end
     df = load_runs(uri, experiment)
     ind = df.filter(pl.col("mode") == "independent")
     if ind.is_empty():

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
 from bench.schema import BY_NAME, Param
 from bench.tracking import KIND_TAG as REPORT_TAG  # one place for tag names
 from bench.tracking import (CONFIG_DIGEST_TAG, FIT_KEPT_INITIAL_TAG, FIT_STOP_TAG, SAMPLED_TAG, TRAIN_KEY_TAG,
@@ -57,6 +55,7 @@ def load_runs(uri: str, experiment: str) -> Any:
     hyper-parameters or training budget (a grid or search space) are different configurations: their ``method``
     column names the differing values, e.g. ``ft (hparams.lr=0.001)``, so no table pools across them.
     """
+    import polars as pl  # lazily: importing polars makes blocking waits ignore Ctrl-C until they end
     if client(uri).get_experiment_by_name(experiment) is None:
         raise ReportError(f"unknown experiment {experiment!r} in {uri}")
     df = runs_frame(uri, experiment)
@@ -97,6 +96,7 @@ def _largest_test_set(df: Any) -> Any:
     ones). Their test edits are the first ``n_edits`` of the same split (seed, files and options are params), so the
     smaller runs' edits are the larger one's first ones: pooling them would count those edits twice and narrow the
     CI as if they were new. Runs whose params differ anywhere else (seed, hyper-parameters, files) are untouched."""
+    import polars as pl  # lazily: importing polars makes blocking waits ignore Ctrl-C until they end
     if Param.col(Param.N_EDITS) not in df.columns:
         return df
     same = [c for c in sorted(df.columns) if c.startswith("p.") and c not in TEST_SIZE_PARAMS]
@@ -134,6 +134,7 @@ def pm(mean: float, ci: float, digits: int = 3) -> str:
 
 
 def cell_runs(df: Any, **eq: Any) -> list[dict]:
+    import polars as pl  # lazily: importing polars makes blocking waits ignore Ctrl-C until they end
     sub = df
     for k, v in eq.items():
         sub = sub.filter(pl.col(k) == v)
