@@ -13,6 +13,20 @@ from typing import Literal
 
 Style = Literal["mend", "easyedit", "rome", "cost", "sequential", "training"]
 
+#: How a number was obtained; numbers of different protocols are never pooled, ranked or compared. A task kind may
+#: rename one for its tasks (a classifier's teacher-forced label is its free answer: ``classifier``).
+PROTOCOLS: dict[str, str] = {
+    "teacher-forced": "the gold target is fed; its tokens are checked against the argmax (or their probability)",
+    "probability": "the probabilities of two answers compared (ROME's scores)",
+    "classifier": "the predicted label: a classifier's free answer",
+    "generation": "the edited model answers freely and its whole answer is scored",
+    "cost": "time and memory",
+}
+#: The protocol of each style's metrics.
+STYLE_PROTOCOL: dict[str, str] = {"mend": "teacher-forced", "easyedit": "teacher-forced",
+                                  "sequential": "teacher-forced", "training": "teacher-forced",
+                                  "rome": "probability", "cost": "cost"}
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -27,6 +41,11 @@ class Metric:
     required: bool = False
     summary: bool = False
     description: str = ""
+
+    @property
+    def protocol(self) -> str:
+        """How the number is obtained (:data:`PROTOCOLS`), as its style implies."""
+        return STYLE_PROTOCOL[self.style]
 
 
 METRICS: tuple[Metric, ...] = (
@@ -116,10 +135,11 @@ def metrics_table() -> str:
     """The metric schema as the Markdown table ``docs/metrics.md`` shows (a test keeps the page equal to it;
     ``python -m bench.schema`` prints it)."""
     better = {True: "higher", False: "lower", None: "-"}
-    rows = ["| metric | style | better | 95% CI | mean over | in every run | description |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| metric | style | protocol | better | 95% CI | mean over | in every run | description |",
+            "|---|---|---|---|---|---|---|---|"]
     for m in METRICS:
-        rows.append(f"| `{m.name}` | {m.style} | {better[m.higher]} | {'yes' if m.ci else ''} | {m.per} | "
+        rows.append(f"| `{m.name}` | {m.style} | {m.protocol} | {better[m.higher]} | {'yes' if m.ci else ''} | "
+                    f"{m.per} | "
                     f"{'yes' if m.required else ''} | {m.description.replace('|', '/')} |")
     return "\n".join(rows)
 

@@ -25,13 +25,13 @@ import torch
 from bench import progress, tracking
 from bench.cache import cache_root
 from bench.config import TrialSpec
-from bench.data import apply_locality, load_task, task_kind
+from bench.data import apply_locality, load_card, load_task, task_kind
 from bench.memory import PeakMemory, keep_freed_memory
 from bench.metrics import evaluate
 from bench.models import load_model
 from bench.prepare import generation_targets, prepare_base
 from bench.probes import base_correct
-from bench.schema import REQUIRED, STYLES, Param
+from bench.schema import METRICS, REQUIRED, STYLES, Param
 from methods import Budget, FitResult, get_editor
 from methods.base import weights_digest
 from methods.budget import budget_digest_fields
@@ -312,6 +312,7 @@ def _identity(spec: TrialSpec, device: str, extra_tags: Mapping[str, str] | None
     """What a trial's run is: its params (:class:`~bench.schema.Param` names) and its tags (environment, the
     editor's flags, the metric styles, the config digest and, for a draw from a search space, its grid point)."""
     editor_cls = get_editor(spec.method)
+    kind = task_kind(load_card(spec.dataset.name).kind)
     params = {Param.METHOD: spec.method_label, Param.METHOD_CLASS: spec.method, Param.MODEL: spec.model.name,
               Param.DATASET: spec.dataset.name, Param.N_EDITS: spec.n_edits,
               Param.EDIT_BATCH_SIZE: spec.edit_batch_size, Param.SEED: spec.seed, Param.HPARAMS: dict(spec.hparams),
@@ -330,6 +331,8 @@ def _identity(spec: TrialSpec, device: str, extra_tags: Mapping[str, str] | None
         "uses_training_data_at_edit_time": str(editor_cls.uses_training_data_at_edit_time),
         "modifies_base_model": str(editor_cls.modifies_base_model),
         **{f"style.{k}": v for k, v in STYLES.items()},
+        # how each number was obtained on this task (a classifier's label is its free answer: "classifier")
+        **{f"protocol.{m.name}": kind.protocol(m.protocol) for m in METRICS if m.name in STYLES},
     }
     if spec.config_digest:
         tags[tracking.CONFIG_DIGEST_TAG] = spec.config_digest

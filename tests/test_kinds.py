@@ -89,6 +89,9 @@ def test_the_shipped_kinds_and_what_they_decide() -> None:
     with pytest.raises(ValueError, match=r"give a label id 0..1"):
         cls.parse_target("7", m)
     assert cls.parse_target("1", m) == 1
+    # A classifier's teacher-forced label is its free answer; other protocols stay as they are.
+    assert (cls.protocol("teacher-forced"), cls.protocol("probability"), gen.protocol("teacher-forced")) == (
+        "classifier", "probability", "teacher-forced")
 
 
 def test_a_batch_of_mixed_kinds_is_refused() -> None:

@@ -61,6 +61,9 @@ def test_trial_end_to_end(method: str, model: str, tmp_path) -> None:
     learned = REGISTRY[method].learned
     assert arts == ({"per_edit.parquet", "editor"} if learned else {"per_edit.parquet"})
     assert df["t.base_model_changed"][0] == str(REGISTRY[method].modifies_base_model)
+    # Every metric says how it was obtained on this task: teacher-forced (zsRE's ES), probability (ROME's scores).
+    assert (df["t.protocol.es"][0], df["t.protocol.efficacy"][0], df["t.protocol.edit_time_s"][0]) == (
+        "teacher-forced", "probability", "cost")
     # Where the time went: its parts fit inside the trial; only a trained editor spends time validating.
     parts = df["prepare_time_s"][0] + df["train_time_s"][0] + df["eval_time_s"][0]
     assert 0 < parts <= df["trial_time_s"][0] and min(df["prepare_time_s"][0], df["eval_time_s"][0]) > 0

@@ -82,6 +82,10 @@ class TaskKind:
         """How the interactive edit prints the model's answer (generated text as is)."""
         return str(answer)
 
+    def protocol(self, protocol: str) -> str:
+        """The protocol a metric of ``protocol`` (``bench.schema.PROTOCOLS``) follows on this kind's tasks."""
+        return protocol
+
 
 class QA(TaskKind):
     """Question answering (zsRE): a question and a short answer."""
@@ -117,6 +121,10 @@ class Classification(TaskKind):
         if not text.strip().isdigit() or int(text) >= n:
             raise ValueError(f"this run's model is a classifier; give a label id 0..{n - 1}")
         return int(text)
+
+    def protocol(self, protocol: str) -> str:
+        """The predicted label is the classifier's free answer: its teacher-forced scores are the classifier's."""
+        return "classifier" if protocol == "teacher-forced" else protocol
 
     def show_answer(self, model: "EditableModel", answer: Any) -> str:
         names = getattr(model.model.config, "id2label", None) or {}
