@@ -75,15 +75,6 @@ def question_prompt(model: EditableModel, prompt: str, template: str | None = No
     return question
 
 
-def _params(model: EditableModel, deltas: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-    """The weights ``W + dW`` for every edited weight in ``deltas`` and in ``model.applied``."""
-    total = dict(model.applied)
-    for n, d in (deltas or {}).items():
-        total[n] = total[n] + d if n in total else d
-    own = dict(model.model.named_parameters())
-    return {n: own[n] + d.to(own[n].dtype) for n, d in total.items()}
-
-
 @torch.no_grad()
 def greedy_ids(model: EditableModel, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
                deltas: Mapping[str, Tensor] | None = None, stop_strings: Sequence[str] = ()) -> list[list[int]]:
@@ -101,7 +92,7 @@ def greedy_ids(model: EditableModel, prompt_ids: Sequence[Sequence[int]], max_ne
         ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
         mask[i, width - len(p):] = 1
     extra = {"stop_strings": list(stop_strings), "tokenizer": tok} if stop_strings else {}
-    with _reparametrize_module(model.model, _params(model, deltas)):
+    with _reparametrize_module(model.model, model.edited_params(deltas)):
         out = model.model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                    pad_token_id=pad, eos_token_id=tok.eos_token_id, **extra)

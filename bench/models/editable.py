@@ -135,6 +135,19 @@ class EditableModel:
             self.applied.clear()
             self.applied.update(saved)
 
+    def edited_params(self, deltas: Mapping[str, Tensor] | None = None,
+                      weights: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The parameters to run the model with: ``W + dW`` for every weight in ``deltas`` and in ``applied``, where
+        ``W`` is ``weights[name]`` for the parameters ``weights`` names and the module's own otherwise, plus the
+        other ``weights``; empty when nothing differs from the module's own parameters."""
+        total = dict(self.applied)
+        for n, d in (deltas or {}).items():
+            total[n] = total[n] + d if n in total else d
+        if not total:
+            return dict(weights or {})
+        base = {**dict(self.model.named_parameters()), **(weights or {})}
+        return {**(weights or {}), **{n: base[n] + d for n, d in total.items()}}
+
     def logits(self, inputs: Mapping[str, Tensor], deltas: Mapping[str, Tensor] | None = None,
                weights: Mapping[str, Tensor] | None = None) -> Tensor:
         """Logits of the model on ``inputs`` with ``W + dW`` for every weight in ``deltas`` (and in ``applied``),
@@ -144,12 +157,8 @@ class EditableModel:
         Uses ``torch.func.functional_call``; the module's own parameters are not touched. Classifier logits
         are returned as (B, 1, C) so every kind is (B, T, V) and token labels align position by position.
         """
-        total = dict(self.applied)
-        for n, d in (deltas or {}).items():
-            total[n] = total[n] + d if n in total else d
-        if total or weights:
-            base = {**dict(self.model.named_parameters()), **(weights or {})} if total else {}
-            params = {**(weights or {}), **{n: base[n] + d for n, d in total.items()}}
+        params = self.edited_params(deltas, weights)
+        if params:
             out = torch.func.functional_call(self.model, params, args=(), kwargs=dict(inputs), strict=False)
         else:
             out = self.model(**inputs)
