@@ -8,6 +8,9 @@
   ``loc_agree`` (share of locality answer tokens whose post-edit argmax equals the pre-edit one).
 - ROME style, where the true answer is known: ``efficacy`` p(new) > p(true) on x_e, ``paraphrase`` the same on
   x'_e, ``neighbourhood`` p(true) > p(new) on x_loc (CounterFact).
+- Generation (``bench.answers``): the edited model answers freely and its whole answer is scored (``gen_*``:
+  exact match and "target contained" on x_e, x'_e and x_e continued plainly; locality agreement with the unedited
+  model's answer); ``gen_time_s`` is what it cost.
 - Cost: ``edit_time_s``, ``edit_steps``, ``edit_peak_mem_mb`` (CUDA: max_memory_allocated above the start;
   CPU: resident high-water mark above the start, reset before each edit).
 
@@ -25,7 +28,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from bench import probes  # called through the module: one place where every probe passes
+from bench import answers, probes  # called through the modules: one place where every probe passes
 from bench.data import EditBatch, EditRecord, edit_batch, kind_of
 from bench.losses import argmax_agreement, argmax_scores, per_seq_kl, seq_logprob
 from bench.memory import PeakMemory
@@ -78,15 +81,24 @@ def checkpoint_schedule(n: int, points: Sequence[int] | None = None) -> list[int
     return sorted({p for p in (points or CHECKPOINTS) if 1 <= p <= n} | {n})
 
 
+#: Retention under the generation protocol: per-edit score -> retention metric.
+GEN_RETENTION = {"gen_edit_em": "retention_gen_edit_em", "gen_rephrase_em": "retention_gen_rephrase_em",
+                 "gen_loc_agree": "retention_gen_loc_agree"}
+
+
 @torch.no_grad()
-def retention(model: EditableModel, records: Sequence[EditRecord], deltas: dict, chunk: int = 16
-              ) -> tuple[dict[str, float], list[float]]:
+def retention(model: EditableModel, records: Sequence[EditRecord], deltas: dict, chunk: int = 16,
+              template: str | None = None, generation: bool = True) -> tuple[dict[str, float], list[float]]:
     """Scores of the model with ``deltas`` on ALL of ``records`` (the edits made so far): ES (x'_e), edit
     accuracy (x_e), and, against the ORIGINAL model (no deltas), locality agreement, KL and drawdown (accuracy
-    drawdown; for generation records the relative perplexity increase). Returns the means (``retention_*``) and
-    each record's ES."""
+    drawdown; for generation records the relative perplexity increase). With ``generation`` (where it applies)
+    also the free answers' exact match on x_e and x'_e and their locality agreement with the original model's
+    (``retention_gen_*``; ``template``: the card's question template). Returns the means (``retention_*``) and
+    each record's ES (and ``gen_time_s``, the seconds the free answers took, where they ran)."""
     es: list[float] = []
     acc, agree, kl, draw = [], [], [], []
+    gen: dict[str, list[float]] = {k: [] for k in GEN_RETENTION}
+    gen_s = 0.0
     for i in range(0, len(records), chunk):
         recs = list(records[i : i + chunk])
         kind = kind_of(recs)
@@ -102,9 +114,20 @@ def retention(model: EditableModel, records: Sequence[EditRecord], deltas: dict,
         agree.extend(argmax_agreement(pre_l, post_l, mask).tolist())
         kl.extend(per_seq_kl(pre_l, post_l, mask).tolist())
         draw.extend(kind.locality_scores(pre_l, post_l, lab)["drawdown"])
+        if generation and answers.applies(model, recs):
+            t0 = time.perf_counter()
+            ask = answers.asked(model, recs, template)
+            for row in answers.scores(model, recs, answers.answer(model, recs, ask, None),
+                                      answers.answer(model, recs, ask, deltas)):
+                for k in gen:
+                    gen[k].append(row[k])
+            gen_s += time.perf_counter() - t0
     means = {"retention_es": mean_ci(es)[0], "retention_edit_acc": mean_ci(acc)[0],
              "retention_loc_agree": mean_ci(agree)[0], "retention_loc_kl": mean_ci(kl)[0],
              "retention_drawdown": mean_ci(draw)[0]}
+    means.update({GEN_RETENTION[k]: mean_ci(v)[0] for k, v in gen.items() if v})
+    if gen_s:
+        means["gen_time_s"] = gen_s  # what the free answers cost (the caller takes it out)
     return means, es
 
 
@@ -119,6 +142,8 @@ def evaluate(
     checkpoints: Sequence[int] | None = None,
     digest: str | None = None,
     cache_pre: bool = True,
+    question_template: str | None = None,
+    generation: bool = True,
 ) -> EvalResult:
     """Edit the model once per batch of ``edit_batch_size`` test records and score every record of the batch.
     ``editor`` is any object with ``edit(EditBatch) -> Edit``.
@@ -135,7 +160,11 @@ def evaluate(
     after the edit. The unedited model's probes are the same for every editor evaluated on this model and test
     set: with ``cache_pre`` they come from the keyed cache when an earlier evaluation stored them
     (:class:`PreEditProbes`; bit-identical to computing them). ``digest``: the current weights'
-    :func:`~bench.models.weights_digest` when the caller has it (computed here otherwise)."""
+    :func:`~bench.models.weights_digest` when the caller has it (computed here otherwise).
+
+    With ``generation`` (causal models, kinds that are asked) every edit is also scored by the generation
+    protocol (``bench.answers``: the edited model's free answers to x_e, x'_e and x_loc, ``question_template``
+    the card's), its unedited answers cached like the probes; ``gen_time_s`` is its share of the time."""
     if edit_batch_size < 1:
         raise ValueError(f"edit_batch_size must be >= 1, got {edit_batch_size}")
     if mode not in EDIT_MODES:
@@ -150,7 +179,7 @@ def evaluate(
         gc.freeze()
     try:
         return _evaluate(editor, model, records, edit_batch_size, rome_neighbourhood, progress, mode, checkpoints,
-                         digest, cache_pre)
+                         digest, cache_pre, question_template, generation)
     finally:
         if ours:
             gc.unfreeze()
@@ -258,7 +287,8 @@ def _batch_rows(recs: list[EditRecord], batch: int, post: dict[str, tuple[torch.
 
 def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRecord], edit_batch_size: int,
               rome_neighbourhood: bool, progress: Callable[[int, int], None] | None, mode: str,
-              checkpoints: Sequence[int] | None, digest: str | None, cache_pre: bool) -> EvalResult:
+              checkpoints: Sequence[int] | None, digest: str | None, cache_pre: bool, template: str | None,
+              generation: bool) -> EvalResult:
     """:func:`evaluate`'s loop (arguments validated there)."""
     sequential = mode == "sequential"
     marks = checkpoint_schedule(len(records), checkpoints) if sequential else []
@@ -268,6 +298,9 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
     starts = list(range(0, len(records), edit_batch_size))
     all_groups = [_probe_groups(records[s : s + edit_batch_size], rome_neighbourhood) for s in starts]
     pres = PreEditProbes(model, [{k: g[k] for k in ("equiv", "loc")} for g in all_groups], digest, cache_pre)
+    pre_answers = answers.PreAnswers(model, [records[s : s + edit_batch_size] for s in starts] if generation else [],
+                                     template, digest, cache_pre)
+    gen_s = 0.0
     for b, start in enumerate(starts):
         recs = list(records[start : start + edit_batch_size])
         pre = pres.get(b)
@@ -278,11 +311,19 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
             edit = total  # the rows score the model with every edit so far
         post = probes.probe(model, all_groups[b], edit.deltas)
         new = _batch_rows(recs, b, post, pre, cost, _rome_scores(post, len(recs), _known(recs), rome_neighbourhood))
+        if generation and pre_answers.asks[b]:
+            t0 = time.perf_counter()
+            said = answers.answer(model, recs, pre_answers.asks[b], edit.deltas)
+            for row, scored in zip(new, answers.scores(model, recs, pre_answers.get(b), said)):
+                row.update(scored)
+            gen_s += time.perf_counter() - t0
         for row in new if sequential else ():
             row["step"] = b + 1
         rows += new
         if sequential and any(len(rows) - len(recs) < k <= len(rows) for k in marks):
-            scores, es_each = retention(model, records[: len(rows)], total.deltas)
+            scores, es_each = retention(model, records[: len(rows)], total.deltas, template=template,
+                                        generation=generation)
+            gen_s += scores.pop("gen_time_s", 0.0)
             done_marks.append({"n_edits": float(len(rows)), **scores})
             for r, e in zip(rows, es_each):
                 r[f"es_after_{len(rows)}"] = e
@@ -294,6 +335,8 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
         log.info("pre-edit probes of %d batches cached for the next evaluation on this model and test set",
                  len(starts))
     metrics = aggregate(rows)
+    if generation and any(pre_answers.asks):
+        metrics["gen_time_s"] = gen_s
     if done_marks:
         metrics.update({k: v for k, v in done_marks[-1].items() if k != "n_edits"})
     return EvalResult(rows, metrics, done_marks)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Style = Literal["mend", "easyedit", "rome", "cost", "sequential", "training"]
+Style = Literal["mend", "easyedit", "rome", "generation", "cost", "sequential", "training"]
 
 #: How a number was obtained; numbers of different protocols are never pooled, ranked or compared. A task kind may
 #: rename one for its tasks (a classifier's teacher-forced label is its free answer: ``classifier``).
@@ -25,7 +25,7 @@ PROTOCOLS: dict[str, str] = {
 #: The protocol of each style's metrics.
 STYLE_PROTOCOL: dict[str, str] = {"mend": "teacher-forced", "easyedit": "teacher-forced",
                                   "sequential": "teacher-forced", "training": "teacher-forced",
-                                  "rome": "probability", "cost": "cost"}
+                                  "rome": "probability", "generation": "generation", "cost": "cost"}
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,15 @@ class Metric:
     required: bool = False
     summary: bool = False
     description: str = ""
+    #: the metric of another protocol this one answers to (shown beside it, never pooled with it)
+    pair: str = ""
+    #: the protocol where it is not the style's (retention under the generation protocol)
+    proto: str = ""
 
     @property
     def protocol(self) -> str:
-        """How the number is obtained (:data:`PROTOCOLS`), as its style implies."""
-        return STYLE_PROTOCOL[self.style]
+        """How the number is obtained (:data:`PROTOCOLS`): ``proto``, else as its style implies."""
+        return self.proto or STYLE_PROTOCOL[self.style]
 
 
 METRICS: tuple[Metric, ...] = (
@@ -73,6 +77,22 @@ METRICS: tuple[Metric, ...] = (
     Metric("neighbourhood", "rome", True, ci=True, description="p(true) > p(new) on x_loc"),
     Metric("p_new", "rome", True, ci=True, description="probability of the whole new target on x_e after the edit "
                                                         "(where the true answer is known)"),
+    Metric("gen_edit_em", "generation", True, ci=True, summary=True, pair="edit_acc",
+           description="the free answer to x_e (question form) is y_e: normalised exact match"),
+    Metric("gen_edit_contains", "generation", True, ci=True, description="... contains y_e (whole words)"),
+    Metric("gen_edit_em_pre", "generation", None, description="... before the edit"),
+    Metric("gen_edit_plain_em", "generation", True, ci=True,
+           description="x_e continued as it is (no question form) gives y_e: exact match"),
+    Metric("gen_edit_plain_contains", "generation", True, ci=True, description="... contains y_e"),
+    Metric("gen_rephrase_em", "generation", True, ci=True, summary=True, pair="es",
+           description="the free answer to x'_e is y_e: exact match"),
+    Metric("gen_rephrase_contains", "generation", True, ci=True, description="... contains y_e"),
+    Metric("gen_loc_agree", "generation", True, ci=True, summary=True, pair="loc_agree",
+           description="the free locality answer after the edit is the unedited model's (normalised)"),
+    Metric("gen_loc_em_pre", "generation", None, description="free locality answer is the gold answer, before"),
+    Metric("gen_loc_em_post", "generation", True, description="... after the edit"),
+    Metric("gen_prefix", "generation", True, ci=True, pair="token_acc_edit",
+           description="continuations: share of y_e's tokens reproduced before the first wrong one"),
     Metric("edit_time_s", "cost", False, per="batch", required=True, summary=True, description="seconds per edit call"),
     Metric("edit_steps", "cost", False, per="batch", required=True, description="optimiser steps per edit call"),
     Metric("edit_peak_mem_mb", "cost", False, per="batch", required=True, summary=True,
@@ -83,11 +103,19 @@ METRICS: tuple[Metric, ...] = (
     Metric("retention_loc_agree", "sequential", True, per="run", description="... locality agreement with the original"),
     Metric("retention_loc_kl", "sequential", False, per="run", description="... locality KL against the original"),
     Metric("retention_drawdown", "sequential", False, per="run", description="... drawdown against the original"),
+    Metric("retention_gen_edit_em", "sequential", True, per="run", proto="generation", pair="retention_edit_acc",
+           description="... free answers to x_e that are y_e"),
+    Metric("retention_gen_rephrase_em", "sequential", True, per="run", proto="generation", pair="retention_es",
+           summary=True, description="... free answers to x'_e that are y_e"),
+    Metric("retention_gen_loc_agree", "sequential", True, per="run", proto="generation",
+           pair="retention_loc_agree", description="... free locality answers equal to the original model's"),
     Metric("train_time_s", "training", False, per="run", summary=True, description="editor training wall time"),
     Metric("train_val_time_s", "training", False, per="run", description="... of it, time spent validating"),
     Metric("prepare_time_s", "cost", False, per="run",
            description="loading data and model, generating targets, choosing locality prompts"),
     Metric("eval_time_s", "cost", False, per="run", description="editing and scoring every test edit"),
+    Metric("gen_time_s", "cost", False, per="run",
+           description="... of it, the generation protocol (the unedited answers too, unless cached)"),
 )
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
@@ -98,9 +126,27 @@ WITH_CI: tuple[str, ...] = tuple(m.name for m in METRICS if m.ci)
 #: Every trial's run carries at least these, with the CI half-widths of those that have one (others may be added).
 REQUIRED: tuple[str, ...] = tuple(m.name for m in METRICS if m.required) + tuple(
     f"{m.name}_ci95" for m in METRICS if m.required and m.ci)
-#: Metrics shown in ``bench.run``'s printed summary, in this order (ES and its gain with their CIs).
-SUMMARY: tuple[str, ...] = tuple(x for m in METRICS if m.summary
-                                 for x in ((m.name, f"{m.name}_ci95") if m.name in ("es", "es_gain") else (m.name,)))
+#: Metrics paired with another protocol's, by the metric they answer to.
+PAIRED: dict[str, str] = {m.pair: m.name for m in METRICS if m.pair}
+
+
+def _summary() -> tuple[str, ...]:
+    """The summary's columns: each summary metric (ES and its gain with their CIs) followed by the summary
+    metric of another protocol paired with it (ES's free-answer counterpart beside ES), never in place of it."""
+    shown = {m.name for m in METRICS if m.summary}
+    out: list[str] = []
+    for m in METRICS:
+        if not m.summary or (m.pair and m.pair in shown):
+            continue
+        out += [m.name, f"{m.name}_ci95"] if m.name in ("es", "es_gain") else [m.name]
+        twin = PAIRED.get(m.name)
+        if twin in shown:
+            out += [twin, f"{twin}_ci95"] if m.name == "es" else [twin]
+    return tuple(out)
+
+
+#: Metrics shown in ``bench.run``'s printed summary, in this order.
+SUMMARY: tuple[str, ...] = _summary()
 
 
 class Param:

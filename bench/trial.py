@@ -374,7 +374,8 @@ def run_trial(cfg: TrialSpec | Mapping[str, Any], tracking_uri: str, experiment:
         t_eval = time.time()
         result = evaluate(fitted.editor, data.model, data.task["test"], spec.edit_batch_size,
                           rome_neighbourhood=data.task.card.rome_neighbourhood, progress=progress,
-                          mode=spec.edit_mode, checkpoints=spec.checkpoints, digest=fitted.digest)
+                          mode=spec.edit_mode, checkpoints=spec.checkpoints, digest=fitted.digest,
+                          question_template=data.task.card.question_template, generation=spec.generation)
         result.metrics["eval_time_s"] = time.time() - t_eval
         result.metrics["prepare_time_s"] = prepare_s
         metrics = _log_results(spec, run, data, fitted, result, t_start)

@@ -38,6 +38,28 @@ def tiny(alias: str) -> EditableModel:
     return _CACHE[alias]
 
 
+class NoOpEditor:
+    """An editor whose edit changes nothing (no weight delta)."""
+
+    def edit(self, batch):
+        from methods.base import Edit
+
+        return Edit({})
+
+
+class NoiseEditor:
+    """An editor whose edit adds seeded Gaussian noise (std 0.5) to every editable weight: damage to see."""
+
+    def __init__(self, m: EditableModel) -> None:
+        self.m = m
+
+    def edit(self, batch):
+        from methods.base import Edit
+
+        g = torch.Generator().manual_seed(0)
+        return Edit({n: 0.5 * torch.randn(w.shape, generator=g) for n, w in self.m.weights().items()}, steps=1)
+
+
 def private_cache(monkeypatch: pytest.MonkeyPatch, path: Path) -> Path:
     """Point ``$EDITBENCH_CACHE`` at ``path`` for one test: generated targets, statistics and prepared base models
     start empty there, while the converted SmolLM2 (which tiny models take their tokenizer from; converting it

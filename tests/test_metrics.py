@@ -10,8 +10,7 @@ import torch
 from bench.losses import argmax_agreement, argmax_scores, kl_div, nll, seq_logprob
 from bench.memory import PeakMemory
 from bench.metrics import aggregate, evaluate, mean_ci
-from methods.base import Edit
-from tests.conftest import tiny
+from tests.conftest import NoiseEditor, NoOpEditor, tiny
 
 
 def _logits(rows: list[list[int]], vocab: int = 5, hi: float = 5.0) -> torch.Tensor:
@@ -159,23 +158,11 @@ def test_the_trial_workers_get_one_arena_and_their_thread_count(monkeypatch: pyt
     assert trial_worker_env(1)["MALLOC_ARENA_MAX"] == "4"
 
 
-class _NoOp:
-    def edit(self, batch):
-        return Edit({})
-
-
-class _Noise:
-    def __init__(self, m):
-        self.m = m
-
-    def edit(self, batch):
-        g = torch.Generator().manual_seed(0)
-        return Edit({n: 0.5 * torch.randn(w.shape, generator=g) for n, w in self.m.weights().items()}, steps=1)
 
 
 def test_evaluate_noop_editor_changes_nothing(zsre) -> None:
     m = tiny("tiny-gpt2")
-    res = evaluate(_NoOp(), m, zsre["test"][:6], edit_batch_size=2)
+    res = evaluate(NoOpEditor(), m, zsre["test"][:6], edit_batch_size=2)
     assert len(res.rows) == 6
     agg = res.metrics
     assert agg["es"] == agg["es_pre"] and agg["drawdown"] == 0 and agg["loc_agree"] == 1.0
@@ -187,7 +174,7 @@ def test_evaluate_noop_editor_changes_nothing(zsre) -> None:
 
 def test_evaluate_sees_a_damaging_edit(zsre) -> None:
     m = tiny("tiny-gpt2")
-    agg = evaluate(_Noise(m), m, zsre["test"][:4]).metrics
+    agg = evaluate(NoiseEditor(m), m, zsre["test"][:4]).metrics
     assert agg["loc_kl"] > 0.01 and agg["loc_agree"] < 1.0 and agg["edit_steps"] == 1
 
 
@@ -279,31 +266,31 @@ def test_pre_edit_probes_from_the_cache_equal_fresh_ones(zsre, alias, tmp_path, 
     private_cache(monkeypatch, tmp_path / "cache")
     m = tiny(alias)
     recs = zsre["test"][:6]
-    fresh = evaluate(_Noise(m), m, recs, edit_batch_size=2, cache_pre=False)
+    fresh = evaluate(NoiseEditor(m), m, recs, edit_batch_size=2, cache_pre=False)
     assert not list((tmp_path / "cache").glob("preedit/*.pt"))  # cache_pre=False stores nothing
-    first = evaluate(_Noise(m), m, recs, edit_batch_size=2)
+    first = evaluate(NoiseEditor(m), m, recs, edit_batch_size=2)
     assert len(list((tmp_path / "cache").glob("preedit/*.pt"))) == 1
     calls: list[bool] = []
     real = bench.probes.probe
     monkeypatch.setattr(bench.probes, "probe", lambda mm, g, d: calls.append(d is None) or real(mm, g, d))
-    second = evaluate(_Noise(m), m, recs, edit_batch_size=2)
+    second = evaluate(NoiseEditor(m), m, recs, edit_batch_size=2)
     assert calls and not any(calls)  # only post-edit probes ran: the unedited model's came from the cache
     assert _strip_cost(fresh.rows) == _strip_cost(first.rows) == _strip_cost(second.rows)
     assert 0 < second.metrics["loc_kl"] and second.metrics["loc_agree"] < 1.0  # the values compared are not trivial
     # Another batch size probes other batches; changed weights are another model: both computed again.
     calls.clear()
-    evaluate(_Noise(m), m, recs, edit_batch_size=3)
+    evaluate(NoiseEditor(m), m, recs, edit_batch_size=3)
     assert any(calls)
     other = load_model(alias)
     with torch.no_grad():
         next(other.model.parameters()).add_(0.01)
     calls.clear()
-    evaluate(_Noise(other), other, recs, edit_batch_size=2)
+    evaluate(NoiseEditor(other), other, recs, edit_batch_size=2)
     assert any(calls)
     # An entry over the size bound is not stored.
     monkeypatch.setattr(bench.probes, "PRE_CACHE_MAX_MB", 0.0)
     n = len(list((tmp_path / "cache").glob("preedit/*.pt")))
-    evaluate(_Noise(m), m, recs, edit_batch_size=1)
+    evaluate(NoiseEditor(m), m, recs, edit_batch_size=1)
     assert len(list((tmp_path / "cache").glob("preedit/*.pt"))) == n
     assert PreEditProbes.VERSION == 1
 
@@ -319,9 +306,9 @@ def test_pre_edit_probes_serve_generation_perplexity(tmp_path, monkeypatch) -> N
     recs = [EditRecord(case_id=str(i), task="wikitext", prompt=f"Passage {i} begins with a sentence about", target=" rivers and hills",
                        rephrases=("a sentence about",), loc_prompt="The", loc_answer=" weather today was cold and wet",
                        kind="generation") for i in range(3)]
-    fresh = evaluate(_Noise(m), m, recs, cache_pre=False)
-    evaluate(_Noise(m), m, recs)
+    fresh = evaluate(NoiseEditor(m), m, recs, cache_pre=False)
+    evaluate(NoiseEditor(m), m, recs)
     assert len(list((tmp_path / "cache").glob("preedit/*.pt"))) == 1
-    cached = evaluate(_Noise(m), m, recs)
+    cached = evaluate(NoiseEditor(m), m, recs)
     assert _strip_cost(fresh.rows) == _strip_cost(cached.rows)
     assert all(r["ppl_pre"] > 1 and r["ppl_post"] != r["ppl_pre"] for r in cached.rows)

@@ -74,7 +74,7 @@ def test_a_shipped_mend_configuration_lifts_validation_es_above_the_untrained_ed
     if entry["name"] == "fever":  # the base classifier with 40 of the card's 300 preparation steps: 2 min less
         ds["prepare"] = {**(entry.get("prepare") or {}), "steps": 40}
     doc.update(name="shipped", n_edits=2, seeds=[0], edit_batch_size=[1], models=[sweep_model], datasets=[ds],
-               edit_mode=["independent"])
+               edit_mode=["independent"], generation=False)  # the training is under test, not the free answers
     doc.pop("checkpoints", None)
     budget = {**(method.get("budget") or {}), "max_steps": steps, "val_every": steps, "val_edits": val_edits,
               "patience": 10}

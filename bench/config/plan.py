@@ -142,6 +142,7 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
                     "edit_batch_size": bs,
                     "edit_mode": mode,
                     "checkpoints": sweep.checkpoints,
+                    "generation": sweep.generation,
                     "n_edits": sweep.n_edits,
                     "data_root": sweep.data_root,
                     "device": sweep.device,
@@ -169,6 +170,8 @@ def config_digest(point: dict[str, Any], hparams: dict[str, Any]) -> str:
             "edit_batch_size": point["edit_batch_size"], "n_edits": point["n_edits"]}
     if point.get("edit_mode", "independent") != "independent":  # independent trials keep their earlier digests
         blob.update(edit_mode=point["edit_mode"], checkpoints=point.get("checkpoints"))
+    if not point.get("generation", True):  # fewer metrics; trials with the protocol on keep their digests
+        blob["generation"] = False
     if point.get("reuse_converged"):  # the editor may come from a longer training: another result
         blob["reuse_converged"] = True
     return digest(blob, 16)

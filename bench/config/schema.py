@@ -112,6 +112,7 @@ class TrialSpec(Strict):
     edit_batch_size: PositiveInt = 1
     edit_mode: Literal["independent", "sequential"] = "independent"
     checkpoints: list[PositiveInt] | None = None
+    generation: bool = True
     n_edits: PositiveInt
     data_root: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -174,6 +175,9 @@ class Sweep(Strict):
     checkpoints: list[PositiveInt] | None = Field(
         default=None, description="sequential mode: edit counts at which every edit so far is scored "
                                   "(default 1, 10, 50, 100, 250, ... and the last)")
+    generation: bool = Field(
+        default=True, description="score every edit by the generation protocol too (the edited model's free "
+                                  "answers, bench.answers) besides the teacher-forced and probability metrics")
     num_samples: PositiveInt = 1
     max_concurrent: PositiveInt = 1
     resources: Resources = Field(default_factory=Resources)

@@ -86,6 +86,8 @@ class DatasetCard(_Card):
     locality: dict[str, LocalitySource] = Field(default_factory=dict)
     default_locality: str = "record"
     rome_neighbourhood: bool = False
+    question_template: str | None = Field(default=None, description="how the generation protocol asks x_e as a "
+                                          "question, with {prompt}; none: the prompt itself")
     labels: tuple[str, ...] = ()
     label_seed: int = 0
     rephrase_file: str | None = None
@@ -106,6 +108,19 @@ class DatasetCard(_Card):
     @classmethod
     def _kind(cls, v: str) -> str:
         return task_kind(v).name  # a DataError (a ValueError) names the registered kinds
+
+    @field_validator("question_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            shown = v.format(prompt="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"must be text with one {{prompt}} field and no other braces ({e!r}); got {v!r}") from None
+        if "{prompt}" not in v or not shown.strip():
+            raise ValueError(f"must contain {{prompt}} (where x_e goes) and some words around it; got {v!r}")
+        return v
 
     @field_validator("fractions")
     @classmethod

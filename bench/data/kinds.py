@@ -9,6 +9,8 @@ A dataset card names its kind (``kind: qa``); every record carries it. What a ki
 - which model kinds it is measured on (:attr:`TaskKind.model_kinds`) and whether the ROME-style comparisons against
   the true answer apply (:attr:`TaskKind.compares_true_answer`);
 - how locality is scored against the unedited model (:meth:`TaskKind.locality_scores`);
+- how the generation protocol asks and stops (:attr:`TaskKind.generation_forms`, :attr:`TaskKind.answer_stops`,
+  :attr:`TaskKind.answer_margin`);
 - what the interactive edit shows and accepts as a target (:meth:`TaskKind.show_answer`,
   :meth:`TaskKind.parse_target`).
 
@@ -46,6 +48,15 @@ class TaskKind:
     targets_generated: ClassVar[bool] = False
     #: the ROME-style comparisons against the fact before the edit apply (records with ``true_answer``)
     compares_true_answer: ClassVar[bool] = True
+    #: how the generation protocol (``bench.answers``) asks: ``question`` (the card's question template, inside
+    #: the chat template where the model has one) and ``plain`` (the prompt continued as it is); empty where the
+    #: task's answer already is free (a classifier's label)
+    generation_forms: ClassVar[tuple[str, ...]] = ("question", "plain")
+    #: where a free answer ends besides EOS: the stop strings of WILD ("The Mirage of Model Editing", ACL 2025);
+    #: empty: the answer runs to its cap
+    answer_stops: ClassVar[tuple[str, ...]] = (".", "\n")
+    #: new tokens a free answer may take beyond the target's own (the cap is the target's tokens plus this)
+    answer_margin: ClassVar[int] = 5
 
     def target(self, record: EditRecord) -> str | int:
         """y_e as the batch tokenises it."""
@@ -105,6 +116,7 @@ class Classification(TaskKind):
     name = "classification"
     model_kinds = ("classifier",)
     compares_true_answer = False
+    generation_forms = ()  # the predicted label is the classifier's free answer
 
     def target(self, record: EditRecord) -> int:
         if record.label is None:
@@ -141,6 +153,9 @@ class Generation(TaskKind):
     spaced = False
     needs_target = False
     targets_generated = True
+    generation_forms = ("plain",)  # a passage is continued, not asked
+    answer_stops = ()  # the continuation runs to the target's length and is compared token by token
+    answer_margin = 0
 
     def locality_scores(self, pre_logits: Tensor, post_logits: Tensor, labels: Tensor) -> dict[str, list[float]]:
         """``drawdown`` is the relative perplexity increase of the locality passage, ``ppl_post / ppl_pre - 1``."""
