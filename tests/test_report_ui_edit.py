@@ -58,7 +58,8 @@ def _from_per_edit_tables(uri: str, tmp) -> dict[tuple[str, int], dict[str, tupl
         table = pl.read_parquet(c.download_artifacts(run.info.run_id, "per_edit.parquet", str(dst)))
         assert table.height == 4
         out[key] = {}
-        for name in ("es", "es_gain", "drawdown", "loc_agree", "loc_kl", "token_acc_rephrase"):
+        for name in ("es", "es_gain", "drawdown", "loc_agree", "loc_kl", "token_acc_rephrase", "gen_rephrase_em",
+                     "gen_loc_agree"):
             v = table[name].to_numpy().astype(float)
             mean, ci = float(v.mean()), float(1.96 * v.std(ddof=1) / math.sqrt(len(v)))
             assert run.data.metrics[name] == pytest.approx(mean, abs=1e-12), (key, name)
@@ -74,7 +75,7 @@ def test_report_tables_match_the_runs(store) -> None:
     uri, tmp = store
     out = tmp / "report"
     rep = build(uri, "rep", out, ["md", "csv", "tex", "html"])
-    assert set(rep.tables) == {"table1", "results", "batch", "cost", "training"}
+    assert set(rep.tables) == {"table1", "results", "protocols", "batch", "cost", "training"}
     df = load_runs(uri, "rep")
     assert df.height == 4
     # Expected values from each run's per-edit table (MLflow artifact), aggregated here with numpy: the chain
@@ -84,15 +85,25 @@ def test_report_tables_match_the_runs(store) -> None:
     assert header == ["editor", "zsre / tiny-gpt2"]
     for row in rows:
         w = want[(row[0], 1)]
-        assert f"ES {w['es'][0]:.3f} ± {w['es'][1]:.3f}; gain {w['es_gain'][0]:.3f} ± {w['es_gain'][1]:.3f}; " \
-               f"DD {w['drawdown'][0]:.3f} ± {w['drawdown'][1]:.3f}; agree {w['loc_agree'][0]:.3f} (n=4)" in row[1]
+        free, free_agree = w["gen_rephrase_em"], w["gen_loc_agree"]
+        assert f"ES {w['es'][0]:.3f} ± {w['es'][1]:.3f} (free {free[0]:.3f} ± {free[1]:.3f}); " \
+               f"gain {w['es_gain'][0]:.3f} ± {w['es_gain'][1]:.3f}; DD {w['drawdown'][0]:.3f} ± {w['drawdown'][1]:.3f}; " \
+               f"agree {w['loc_agree'][0]:.3f} (free {free_agree[0]:.3f} ± {free_agree[1]:.3f}) (n=4)" in row[1]
+    # the protocols side by side: teacher-forced ES, the free answers' exact match, the gap between them
+    header, rows = rep.tables["protocols"]
+    assert header[2:5] == ["ES (x'_e)", "free EM (x'_e)", "gap"]
+    for row in rows:
+        w = want[(row[1].rstrip("†‡ "), 1)]
+        assert row[2:5] == [f"{w['es'][0]:.3f} ± {w['es'][1]:.3f}",
+                            f"{w['gen_rephrase_em'][0]:.3f} ± {w['gen_rephrase_em'][1]:.3f}",
+                            f"{w['es'][0] - w['gen_rephrase_em'][0]:+.3f}"]
     _, batch_rows = rep.tables["batch"]
     for row in batch_rows:
         for bs, cell in zip((1, 2), row[2:]):
             w = want[(row[1], bs)]
             r = df.filter((df["method"] == row[1]) & (df["bs"] == bs)).to_dicts()[0]
             assert cell.rstrip("†‡ ") == (f"ES {w['es'][0]:.3f} (gain {w['es_gain'][0]:+.3f}) / "
-                                          f"DD {w['drawdown'][0]:.3f}")
+                                          f"DD {w['drawdown'][0]:.3f} / free {w['gen_rephrase_em'][0]:.3f}")
             # the marks say how the editor's training ended: budget (†), kept its untrained state (‡)
             assert ("†" in cell) == (r["t.editbench.fit_stop"] in ("max_steps", "max_seconds"))
             assert ("‡" in cell) == bool(r.get("t.editbench.fit_kept_initial"))

@@ -14,12 +14,12 @@ from bench.report.render import TITLES, to_html, to_latex, to_markdown
 from bench.report.runs import (BUDGET_MARK, UNTRAINED_MARK, Report, ReportError, budget_limited, chosen_sample,
                                kept_untrained, load_runs, retention_curves, trained_runs, unedited_es,
                                validation_curves)
-from bench.report.tables import (table_batch, table_cost, table_results, table_retention, table_rome,
+from bench.report.tables import (table_batch, table_cost, table_protocols, table_results, table_retention, table_rome,
                                  table_training, table_tuning)
 
 __all__ = [
     "BUDGET_MARK", "TITLES", "UNTRAINED_MARK", "Report", "ReportError", "budget_limited", "build", "chosen_sample",
     "default_out", "kept_untrained", "load_runs", "log_report", "main", "to_html", "to_latex", "to_markdown", "write", "retention_curves", "table_batch",
-    "table_cost", "table_results", "table_retention", "table_rome", "table_training", "table_tuning",
+    "table_cost", "table_protocols", "table_results", "table_retention", "table_rome", "table_training", "table_tuning",
     "trained_runs", "unedited_es", "validation_curves",
 ]

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from bench import cli
-from bench.report.plots import make_plots, plot_retention, plot_training
+from bench.report.plots import PLOT_TITLES, editor_colours, make_plots, plot_retention, plot_training
 from bench.report.properties import table_properties
 from bench.report.render import TITLES, to_html, to_latex, to_markdown
 from bench.report.runs import (Report, ReportError, load_runs, retention_curves, trained_runs, tuning_runs,
                                unedited_es, validation_curves)
-from bench.report.tables import (table_batch, table_cost, table_results, table_retention, table_rome,
-                                 table_training, table_tuning)
+from bench.report.tables import (table_batch, table_cost, table_protocols, table_results, table_retention,
+                                 table_rome, table_training, table_tuning)
 from bench.store import NOTE_TAG
 from bench.tracking import (GIT_COMMIT_TAG, TrackingError, check_tracking_uri, client, default_tracking_uri,
                             trial_run)
@@ -51,8 +51,8 @@ def build(uri: str, experiment: str, out: Path, formats: list[str]) -> Report:
     ind = df.filter(pl.col("mode") == "independent")
     tables: list[tuple[str, Any, Any]] = [("table1", table_properties, df)]
     if not ind.is_empty():
-        tables += [("results", table_results, ind), ("rome", table_rome, ind), ("batch", table_batch, ind),
-                   ("cost", table_cost, ind)]
+        tables += [("results", table_results, ind), ("protocols", table_protocols, ind), ("rome", table_rome, ind),
+                   ("batch", table_batch, ind), ("cost", table_cost, ind)]
     curves = retention_curves(uri, df)
     if curves:
         tables.append(("retention", lambda c: table_retention(c, unedited_es(df)), curves))
@@ -64,13 +64,15 @@ def build(uri: str, experiment: str, out: Path, formats: list[str]) -> Report:
         tables.append(("tuning", table_tuning, tuned))
     for key, fn, data in tables:
         header, rows, note = fn(data)
-        if key == "rome" and not rows:
-            continue  # no run knows the true answers
+        if key in ("rome", "protocols") and not rows:
+            continue  # no run knows the true answers / has the generation protocol
         rep.tables[key] = (header, rows)
         rep.notes[key] = note
-    rep.plots = make_plots(ind, out) if not ind.is_empty() else {}
-    if curves:
-        rep.plots["retention"] = plot_retention(curves, out)
+    colours = editor_colours(df["method"].unique().to_list()) if not df.is_empty() else {}
+    rep.plots = make_plots(ind, out, colours) if not ind.is_empty() else {}
+    retention_png = plot_retention(curves, out, colours) if curves else None
+    if retention_png is not None:
+        rep.plots["retention"] = retention_png
     val_curves = validation_curves(uri, trained) if trained else {}
     if val_curves:
         rep.plots["training_curves"] = plot_training(val_curves, out)
@@ -85,7 +87,8 @@ def write(rep: Report, out: Path, formats: list[str]) -> None:
         md = [f"# Editing report: {rep.experiment}", "", f"{rep.n_runs} finished trial runs.", ""]
         for key, (header, rows) in rep.tables.items():
             md += [f"## {TITLES[key]}", "", to_markdown(header, rows), "", rep.notes[key], ""]
-        md += [f"![{k}]({p.name})" for k, p in rep.plots.items()]
+        for k, p in rep.plots.items():
+            md += [f"## {PLOT_TITLES.get(k, k)}", "", f"![{PLOT_TITLES.get(k, k)}]({p.name})", ""]
         (out / "report.md").write_text("\n".join(md) + "\n")
     if "csv" in formats:
         for key, (header, rows) in rep.tables.items():

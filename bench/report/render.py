@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import html
 
+from bench.report.plots import PLOT_TITLES
 from bench.report.runs import Report
 
 
 TITLES = {
     "table1": "Table 1 (measured): editor properties",
     "results": "Table 3/4 style: edit success and drawdown",
+    "protocols": "What the edited model says: teacher-forced and free answers side by side",
     "rome": "ROME-style scores (true answer known)",
     "batch": "Table 5 style: batched edits",
     "cost": "Cost",
@@ -64,6 +66,7 @@ def to_html(rep: Report) -> str:
         parts.append(f"</table><p><small>{html.escape(rep.notes.get(key, ''))}</small></p>")
     for name, path in rep.plots.items():
         data = base64.b64encode(path.read_bytes()).decode()
-        parts.append(f"<h2>{html.escape(name)}</h2><img alt='{name}' src='data:image/png;base64,{data}'/>")
+        title = html.escape(PLOT_TITLES.get(name, name))
+        parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{data}'/>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -218,21 +218,23 @@ def gain(runs: list[dict]) -> str:
     return pm(*pooled(runs, "es_gain")[:2])
 
 
-def retention_curves(uri: str, df: Any) -> dict[tuple[str, str, str], list[tuple[int, float, float]]]:
-    """(method, dataset, model) -> [(edits so far, retention ES, retention locality agreement)] from the metric
-    history of the sequential runs (averaged over runs of one key at equal edit counts)."""
+def retention_curves(uri: str, df: Any) -> dict[tuple[str, str, str], list[tuple[int, float, float, float]]]:
+    """(method, dataset, model) -> [(edits so far, retention ES, retention locality agreement, retention of the
+    free answers on x'_e (NaN without the generation protocol))] from the metric history of the sequential runs
+    (averaged over runs of one key at equal edit counts)."""
     c = client(uri)
-    acc: dict[tuple[str, str, str], dict[int, list[tuple[float, float]]]] = {}
+    acc: dict[tuple[str, str, str], dict[int, list[tuple[float, float, float]]]] = {}
     for r in df.to_dicts():
         if r["mode"] != "sequential":
             continue
-        es = {h.step: h.value for h in c.get_metric_history(r["run_id"], "retention_es")}
-        agree = {h.step: h.value for h in c.get_metric_history(r["run_id"], "retention_loc_agree")}
-        for k, v in es.items():
+        hist = {name: {h.step: h.value for h in c.get_metric_history(r["run_id"], name)}
+                for name in ("retention_es", "retention_loc_agree", "retention_gen_rephrase_em")}
+        for k, v in hist["retention_es"].items():
             if k > 0:
                 acc.setdefault((r["method"], r["dataset"], r["model"]), {}).setdefault(k, []).append(
-                    (v, agree.get(k, float("nan"))))
-    return {key: [(k, sum(a for a, _ in v) / len(v), sum(b for _, b in v) / len(v)) for k, v in sorted(pts.items())]
+                    (v, hist["retention_loc_agree"].get(k, float("nan")),
+                     hist["retention_gen_rephrase_em"].get(k, float("nan"))))
+    return {key: [(k, *(sum(x[i] for x in v) / len(v) for i in range(3))) for k, v in sorted(pts.items())]
             for key, pts in acc.items()}
 
 

@@ -1,5 +1,8 @@
-"""The report's tables, each ``(header, rows, note)`` from the runs: results (Tables 3/4), ROME-style scores,
-batch size (Table 5), cost, retention, training and tuning."""
+"""The report's tables, each ``(header, rows, note)`` from the runs: results (Tables 3/4), the protocols side by
+side, ROME-style scores, batch size (Table 5), cost, retention, training and tuning.
+
+Numbers of different protocols (``bench.schema.PROTOCOLS``) sit side by side, each with its own CI; nothing pools,
+ranks or bolds across them (the bold best ES is teacher-forced ES against teacher-forced ES)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from typing import Any, Mapping
 
 from bench.report.runs import (BUDGET_MARK, UNTRAINED_MARK, Marks, cell_runs, chosen_sample, gain, glossary, num,
                                pm, pooled)
-from bench.schema import Param
+from bench.schema import PAIRED, Param
 from bench.tracking import (END_REASON_TAG, FIT_KEPT_INITIAL_TAG, FIT_SELECT_TAG, FIT_STOP_TAG, POINT_DIGEST_TAG,
                             REUSE_TAG, SAMPLED_TAG, TRAINED_FROM_TAG)
 from methods.base import BUDGET_LIMITED
@@ -31,7 +34,8 @@ def table_results(df: Any) -> tuple[list[str], list[list[str]], str]:
             es, es_ci, n = pooled(runs, "es")
             dd, dd_ci, _ = pooled(runs, "drawdown")
             agree, _, _ = pooled(runs, "loc_agree")
-            text = f"ES {pm(es, es_ci)}; gain {gain(runs)}; DD {pm(dd, dd_ci)}; agree {agree:.3f} (n={n})"
+            text = (f"ES {pm(es, es_ci)}{free(runs, 'es')}; gain {gain(runs)}; DD {pm(dd, dd_ci)}; agree {agree:.3f}"
+                    f"{free(runs, 'loc_agree')} (n={n})")
             cells[(m, ds, model)] = (es, text + marks.of(runs))
         col_cells = [(es, m) for (m, d, mo), (es, _) in cells.items() if (d, mo) == (ds, model) and not math.isnan(es)]
         if col_cells:
@@ -50,9 +54,66 @@ def table_results(df: Any) -> tuple[list[str], list[list[str]], str]:
             "DD = drawdown (QA and classification: locality "
             "accuracy before minus after; generation: relative perplexity increase on locality passages, "
             "ppl_after / ppl_before - 1); agree = share of locality answer tokens whose argmax is unchanged; "
-            "mean ± 95% CI over n edits; bold = best ES in the column; smallest edit batch size of each column."
-            + marks.footnote())
+            "mean ± 95% CI over n edits; bold = best ES in the column; smallest edit batch size of each column. "
+            + FREE_NOTE + marks.footnote())
     return header, rows, note
+
+
+#: What "free" means wherever a table shows it.
+FREE_NOTE = ("(free ...) = the same question under the generation protocol: the edited model answers x'_e (for agree: "
+             "the locality input) freely and its whole answer is scored (exact match; agreement with the unedited "
+             "model's answer), a different protocol, never pooled or ranked with the teacher-forced number.")
+
+
+def free(runs: list[dict], key: str, digits: int = 3) -> str:
+    """`` (free m ± ci)``: the generation-protocol metric paired with ``key`` (``bench.schema.PAIRED``) over
+    ``runs``, or "" where the runs have none (the protocol off, a classifier, runs logged before it)."""
+    twin = PAIRED.get(key)
+    if twin is None:
+        return ""
+    m, ci, _ = pooled(runs, twin)
+    return "" if math.isnan(m) else f" (free {pm(m, ci, digits)})"
+
+
+def smallest_batch_cells(df: Any) -> list[tuple[str, str, str, list[dict]]]:
+    """(dataset, model, editor, runs) for every editor of every dataset / model, at that column's smallest edit
+    batch size, sorted."""
+    out = []
+    for ds, model, m in sorted({(r["dataset"], r["model"], r["method"])
+                                for r in df.select("dataset", "model", "method").to_dicts()}):
+        bs = int(df.filter((df["dataset"] == ds) & (df["model"] == model))["bs"].min())
+        out.append((ds, model, m, cell_runs(df, method=m, dataset=ds, model=model, bs=bs)))
+    return out
+
+
+def table_protocols(df: Any) -> tuple[list[str], list[list[str]], str]:
+    """The teacher-forced and generation protocols side by side, per dataset / model and editor at the smallest
+    batch size: ES and the free answer's exact match on x'_e with the gap between them, edit accuracy and the
+    free answers on x_e (question form, plain continuation, contained), locality agreement under each. Empty
+    when no run has the generation protocol."""
+    header = ["dataset / model", "editor", "ES (x'_e)", "free EM (x'_e)", "gap", "edit acc (x_e)",
+              "free EM (x_e)", "free EM (x_e, plain)", "free contains (x_e)", "loc agree", "free loc agree",
+              "free EM before (x_e)"]
+    rows = []
+    marks = Marks()
+    for ds, model, m, runs in smallest_batch_cells(df):
+        free_es = pooled(runs, "gen_rephrase_em")[0]
+        if math.isnan(free_es):
+            continue
+        es = pooled(runs, "es")[0]
+        cells = [pm(*pooled(runs, k)[:2]) for k in ("es", "gen_rephrase_em")]
+        cells.append(f"{es - free_es:+.3f}" if not math.isnan(es) else "-")
+        cells += [pm(*pooled(runs, k)[:2]) for k in ("edit_acc", "gen_edit_em", "gen_edit_plain_em",
+                                                     "gen_edit_contains", "loc_agree", "gen_loc_agree")]
+        cells.append(pm(pooled(runs, "gen_edit_em_pre")[0], float("nan")))
+        rows.append([f"{ds} / {model}", m + marks.of(runs), *cells])
+    return header, rows, ("Teacher-forced (ES, edit acc, loc agree: the gold target fed, every token the argmax) "
+                          "beside the generation protocol (free: the edited model answers by itself, greedy, stopping "
+                          "at EOS, '.' or a new line or at the target's tokens + 5; scored on the whole answer after "
+                          "SQuAD normalisation). x_e and x'_e are asked in the card's question template inside the "
+                          "chat template where the model has one; plain = x_e continued as it is. gap = ES - free EM "
+                          "on x'_e: what teacher forcing adds. free EM before = the unedited model's. Mean ± 95% CI."
+                          + marks.footnote())
 
 
 def table_rome(df: Any) -> tuple[list[str], list[list[str]], str]:
@@ -64,10 +125,7 @@ def table_rome(df: Any) -> tuple[list[str], list[list[str]], str]:
               "ES gain"]
     rows = []
     marks = Marks()
-    for ds, model, m in sorted({(r["dataset"], r["model"], r["method"])
-                                for r in df.select("dataset", "model", "method").to_dicts()}):
-        bs = int(df.filter((df["dataset"] == ds) & (df["model"] == model))["bs"].min())
-        runs = cell_runs(df, method=m, dataset=ds, model=model, bs=bs)
+    for ds, model, m, runs in smallest_batch_cells(df):
         if not any(r.get("neighbourhood") is not None for r in runs):
             continue
         cells = [pm(*pooled(runs, k)[:2]) for k in (*keys, "es")]
@@ -96,15 +154,18 @@ def table_batch(df: Any) -> tuple[list[str], list[list[str]], str]:
             gain, _, _ = pooled(runs, "es_gain")
             dd, _, _ = pooled(runs, "drawdown")
             gain_text = f" (gain {gain:+.3f})" if not math.isnan(gain) else ""
-            row.append(f"ES {es:.3f}{gain_text} / DD {dd:.3f}" + marks.of(runs))
+            free_es, _, _ = pooled(runs, "gen_rephrase_em")
+            free_text = f" / free {free_es:.3f}" if not math.isnan(free_es) else ""
+            row.append(f"ES {es:.3f}{gain_text} / DD {dd:.3f}{free_text}" + marks.of(runs))
         rows.append(row)
     return header, rows, ("Each batch is one edit call on B requests; ES and drawdown are over all B requests; gain "
-                          "= ES minus the unedited model's ES on the same requests." + marks.footnote())
+                          "= ES minus the unedited model's ES on the same requests; free = the free answers' exact "
+                          "match on x'_e (generation protocol), beside ES, not compared with it." + marks.footnote())
 
 
 def table_cost(df: Any) -> tuple[list[str], list[list[str]], str]:
     header = ["editor", "model", "train time (s)", "train peak mem (MB)", "edit time (s)", "edit peak mem (MB)",
-              "steps / edit"]
+              "steps / edit", "evaluation (s)", "of it free answers (s)"]
     rows = []
     for key in sorted({(r["method"], r["model"]) for r in df.select("method", "model").to_dicts()}):
         runs = cell_runs(df, method=key[0], model=key[1])
@@ -116,31 +177,36 @@ def table_cost(df: Any) -> tuple[list[str], list[list[str]], str]:
         # A run that loaded an editor trained elsewhere did not train: its training is counted once, at its source.
         trained = [r for r in runs if not r.get(f"t.{TRAINED_FROM_TAG}")]
         rows.append([key[0], key[1], f"{mean('train_time_s', trained):.1f}", f"{mean('train_peak_mem_mb'):.0f}",
-                     f"{mean('edit_time_s'):.3f}", f"{mean('edit_peak_mem_mb'):.0f}", f"{mean('edit_steps'):.2f}"])
+                     f"{mean('edit_time_s'):.3f}", f"{mean('edit_peak_mem_mb'):.0f}", f"{mean('edit_steps'):.2f}",
+                     f"{mean('eval_time_s'):.0f}", f"{mean('gen_time_s'):.0f}".replace("nan", "-")])
     return header, rows, ("Means over runs (train time over the runs that trained: a run that loaded an editor "
                           "trained under the same training key is left out of it). Peak memory above the level at "
-                          "the start of fit / edit (CUDA: max_memory_allocated; CPU: resident high-water mark).")
+                          "the start of fit / edit (CUDA: max_memory_allocated; CPU: resident high-water mark). "
+                          "Evaluation: editing and scoring every test edit; of it, the generation protocol's free "
+                          "answers (the unedited model's too, where they were not cached yet).")
 
 
-def table_retention(curves: dict[tuple[str, str, str], list[tuple[int, float, float]]],
+def table_retention(curves: dict[tuple[str, str, str], list[tuple[int, float, float, float]]],
                     unedited: Mapping[tuple[str, str, str], float] | None = None
                     ) -> tuple[list[str], list[list[str]], str]:
-    """Sequential editing: ES on all edits so far after k edits, per editor, at every checkpoint, beside the
-    unedited model's ES on the same test edits (``unedited``: (method, dataset, model) -> mean ``es_pre``)."""
+    """Sequential editing: ES on all edits so far after k edits, per editor, at every checkpoint (with the free
+    answers' exact match on x'_e beside it where the run has the generation protocol), beside the unedited
+    model's ES on the same test edits (``unedited``: (method, dataset, model) -> mean ``es_pre``)."""
     unedited = unedited or {}
-    ks = sorted({k for pts in curves.values() for k, _, _ in pts})
+    ks = sorted({p[0] for pts in curves.values() for p in pts})
     header = ["dataset / model", "editor", "unedited ES"] + [f"k={k}" for k in ks] + ["loc agree (last)"]
     rows = []
     for (m, ds, model), pts in sorted(curves.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
-        at = {k: es for k, es, _ in pts}
+        at = {p[0]: (f"{p[1]:.3f}" + ("" if math.isnan(p[3]) else f" (free {p[3]:.3f})")) for p in pts}
         pre = unedited.get((m, ds, model), float("nan"))
         rows.append([f"{ds} / {model}", m, "-" if math.isnan(pre) else f"{pre:.3f}"]
-                    + [f"{at[k]:.3f}" if k in at else "-" for k in ks] + [f"{pts[-1][2]:.3f}"])
+                    + [at.get(k, "-") for k in ks] + [f"{pts[-1][2]:.3f}"])
     return header, rows, ("Sequential editing: the test edits are applied one batch after another, each computed on "
                           "the model as already edited; k=N is ES (x'_e, MEND style) on ALL N edits made so far "
                           "(retention), after the N-th; unedited ES: the unedited model's ES on all the run's test "
                           "edits, the level that means no edit is left. loc agree: locality argmax agreement with the "
-                          "ORIGINAL model after the last edit.")
+                          "ORIGINAL model after the last edit. (free ...): the free answers' exact match on x'_e over "
+                          "the same edits (generation protocol), beside ES, never pooled with it.")
 
 
 def table_training(runs: list[dict]) -> tuple[list[str], list[list[str]], str]:
