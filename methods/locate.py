@@ -1,7 +1,7 @@
 """Shared pieces of the locate-then-edit editors ROME (Meng et al. 2022) and MEMIT (Meng et al. 2023), after the
 authors' code (kmeng01/rome, kmeng01/memit): context templates, the subject's last token, keys (MLP
-projection inputs) averaged over templates, the value optimisation (v* / z), and the second moment of keys
-C = E[k k^T] over a text corpus, cached on disk.
+projection inputs) averaged over templates and the second moment of keys C = E[k k^T] over a text corpus, cached
+on disk. The value optimisation itself lives in :mod:`methods.values`.
 
 Everything runs through :class:`~bench.models.EditableModel` (``trace``/``capture``/``logits``), so it sees the
 model as already edited (``applied``) in sequential editing and never mutates a weight. Neither editor imports
@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from pydantic import Field, PositiveInt, conlist, field_validator
 from torch import Tensor
 
-from bench.data.batches import EditBatch, collate, stack_batches
 from bench.data.records import DataError, EditRecord
 from bench.models import EditableModel
 from methods.base import Editor, FitResult, Hparams, StepLogger
@@ -211,108 +209,6 @@ def _encode(model: EditableModel, texts: Sequence[str]) -> dict[str, Tensor]:
         x[r, : len(i)] = torch.tensor(i)
         m[r, : len(i)] = 1
     return {"input_ids": x.to(model.device), "attention_mask": m.to(model.device)}
-
-
-# ------------------------------------------------------------------------------------------- values
-
-
-@dataclass
-class ValueResult:
-    """The optimised representation (``target_init + delta``) at the subject's last token, per record, with the
-    initial one and the optimisation's last losses."""
-
-    target: Tensor
-    init: Tensor
-    nll: float
-    steps: int
-
-
-def _value_prompts(model: EditableModel, record: EditRecord, templates: Sequence[str]) -> tuple[EditBatch, list[int]]:
-    """The prompts a value vector is optimised on, as one batch: each template + the prompt with the target (the
-    rewrite rows), then the "essence" prompt "{subject} is" -> "a"; and per row the token position whose
-    module output the vector is added to (the subject's last token)."""
-    rewrite = collate(model, [t.format(record.prompt) for t in templates], [record.target] * len(templates))
-    at, end = subject_bounds(record)
-    subj = record.prompt[at:end]
-    essence = collate(model, [f"{subj} is"], ["a"])
-    batch = stack_batches(rewrite, essence, model.tokenizer.pad_token_id)
-    return batch, [lookup_index(model, t, record) for t in templates] + [_n_tokens(model, subj) - 1]
-
-
-def optimise_value(model: EditableModel, module: str, record: EditRecord, templates: Sequence[str],
-                   hp: LocateHparams) -> ValueResult:
-    """ROME's compute_v / MEMIT's compute_z for one request: a vector delta added to ``module``'s output at the
-    subject's last token of every prompt (each template + the prompt, and the "essence" prompt
-    "{subject} is a") is optimised with Adam (``v_lr``, ``v_num_grad_steps``, early stop below a loss of 0.05) to
-    minimise the mean target NLL over the templates + ``kl_factor`` * KL(p_now || p_start) of the next token
-    after the subject in the essence prompt + ``v_weight_decay`` * ||delta|| / ||v_init||^2 (the authors' form),
-    with ||delta|| kept below ``clamp_norm_factor`` * ||v_init||. Runs on the model as already edited."""
-    batch, idx = _value_prompts(model, record, templates)
-    rows = torch.arange(len(idx), device=model.device)
-    idx_t = torch.tensor(idx, device=model.device)
-    n_rw = len(templates)
-    labels = batch.labels[:n_rw]
-    state: dict[str, Tensor | None] = {"delta": None, "init": None}
-
-    def add_delta(name: str, out: Tensor) -> Tensor:
-        if state["init"] is None:
-            state["init"] = out[0, idx[0]].detach().clone()
-        if state["delta"] is None:
-            return out
-        bump = torch.zeros_like(out)
-        bump[rows, idx_t] = state["delta"].to(out.dtype)
-        return out + bump
-
-    # Only the logits at the target positions (rewrites) and after the subject (essence) are needed: the head
-    # runs on those alone (``logits_at``).
-    t_rows, t_cols = (labels != -100).nonzero(as_tuple=True)
-    t_labels = labels[t_rows, t_cols]
-    e_rows = torch.arange(n_rw, len(idx), device=model.device)
-    all_rows, all_cols = torch.cat([t_rows, e_rows]), torch.cat([t_cols, idx_t[n_rw:]])
-    n_tok = (labels != -100).float().sum(1).clamp(min=1)
-
-    def losses() -> tuple[Tensor, Tensor]:
-        logits = model.logits_at(batch.inputs, all_rows, all_cols).float()
-        lp = torch.log_softmax(logits[: len(t_rows)], -1).gather(-1, t_labels.unsqueeze(-1)).squeeze(-1)
-        nll_each = -torch.zeros(n_rw, device=lp.device, dtype=lp.dtype).index_add(0, t_rows, lp) / n_tok
-        return nll_each.mean(), torch.log_softmax(logits[len(t_rows):], -1)
-
-    # First pass (no delta): v_init and the essence prompt's starting distribution.
-    with torch.no_grad(), model.trace([module], edit_output=add_delta):
-        _, kl_init = losses()
-    init = state["init"]
-    assert init is not None
-    delta, nll_val, it = _adam_delta(lambda: model.trace([module], edit_output=add_delta), losses, kl_init, init,
-                                     state, hp)
-    return ValueResult(target=(init + delta).detach(), init=init, nll=nll_val, steps=it)
-
-
-def _adam_delta(trace: Callable[[], Any], losses: Callable[[], tuple[Tensor, Tensor]], kl_init: Tensor,
-                init: Tensor, state: dict[str, Tensor | None], hp: LocateHparams) -> tuple[Tensor, float, int]:
-    """:func:`optimise_value`'s Adam loop on the vector delta (placed in ``state`` where the module's hook adds it):
-    target NLL + KL to the essence prompt's start + weight decay, ``delta`` clamped to ``clamp_norm_factor`` *
-    ||v_init||, stopping below a loss of 0.05. Returns (delta, the last NLL, the last step index)."""
-    delta = torch.zeros(init.shape[-1], device=init.device, requires_grad=True)
-    state["delta"] = delta
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    max_norm = hp.clamp_norm_factor * init.norm()
-    nll_val, it = float("nan"), 0
-    for it in range(hp.v_num_grad_steps):
-        opt.zero_grad()
-        with torch.enable_grad(), trace():
-            nll_loss, kl_lp = losses()
-            kl = hp.kl_factor * torch.nn.functional.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
-            decay = hp.v_weight_decay * (delta.norm() / init.norm() ** 2)
-            loss = nll_loss + kl + decay
-        nll_val = float(nll_loss.detach())
-        if float(loss.detach()) < 5e-2 or it == hp.v_num_grad_steps - 1:
-            break
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    return delta, nll_val, it
 
 
 # ------------------------------------------------------------------------------------------- statistics

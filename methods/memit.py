@@ -5,7 +5,7 @@ A batch of requests is written into the MLP output projections of a band of bloc
 
 1. for every request, z_i = the residual stream (block output) of the LAST layer of the band at the subject's
    last token plus a vector optimised so the model predicts the new object (the same objective as ROME's v*,
-   :func:`methods.locate.optimise_value`, with MEMIT's clamp 0.75);
+   :func:`methods.values.optimise_values`, all facts of a batch in one batched pass per step, with MEMIT's clamp 0.75);
 2. for each layer l of the band, lowest first, on the model with the updates of the layers below applied:
    keys K (d_in x n, the projection's input at the subject's last token averaged over the context templates),
    residuals R = (Z - current last-layer outputs) / (number of layers left) (the residual-distribution rule), and
@@ -32,7 +32,8 @@ from bench.data.batches import EditBatch
 from bench.models import EditableModel
 from methods.base import Edit, Hparams
 from methods.locate import (LocateEditor, LocateHparams, as_weight, default_layer, group_weights, io_at, keys_at,
-                            optimise_value, require_causal)
+                            require_causal)
+from methods.values import optimise_values
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class MEMIT(LocateEditor):
             raise ValueError("memit: the edit batch carries no records (their subjects are needed)")
         m, recs = self.model, list(batch.records)
         z_module = m.block(self.layers[-1])
-        values = [optimise_value(m, z_module, r, self.templates(), self.hparams) for r in recs]
+        values = optimise_values(m, z_module, recs, self.templates(), self.hparams)  # all facts at once
         zs = torch.stack([v.target for v in values], 1)  # (d, n)
         deltas: dict[str, Tensor] = {}
         for i, layer in enumerate(self.layers):

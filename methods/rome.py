@@ -7,7 +7,7 @@ One request writes a new key -> value association into the MLP output projection
   prefixes sampled from the model (``context_lengths``: ten of 5 and ten of 10 tokens, as the paper);
 - value v* = the projection's output there plus a vector delta optimised so the model predicts the new object
   from every prefixed prompt, with the KL "essence" term and weight decay of the paper's hparams
-  (:func:`methods.locate.optimise_value`);
+  (:func:`methods.values.optimise_value`);
 - the rank-one closed form ``W' = W + (v* - W k) (C^-1 k*)^T / ((C^-1 k*)^T k)`` with C = E[k k^T] the second
   moment of keys over ``mom2_n_tokens`` tokens of WikiText-2 (the data root's ``wikitext/wiki2_valid.txt``;
   the paper: 100,000 Wikipedia samples), cached on disk by (model, weights, layer, corpus, token count) and
@@ -38,8 +38,9 @@ from torch import Tensor
 from bench.data.batches import EditBatch
 from bench.models import EditableModel
 from methods.base import Edit, Hparams
-from methods.locate import (LocateEditor, LocateHparams, as_weight, default_layer, io_at, keys_at, optimise_value,
+from methods.locate import (LocateEditor, LocateHparams, as_weight, default_layer, io_at, keys_at,
                             require_causal)
+from methods.values import optimise_value
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,19 @@ def test_perf_writes_every_key_on_a_tiny_model(tmp_path, capsys) -> None:
                                                                                            1e-9)
 
 
+def test_perf_values_compares_the_batched_value_optimisation_with_the_loop(tmp_path, capsys) -> None:
+    out = tmp_path / "values.json"
+    assert main(["--model", "tiny-llama", "--values", "3", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["ratio.values_batched_speedup"] == res["abs.values_loop_per_fact_s"] / res["abs.values_batched_per_fact_s"]
+    assert res["values_same_steps"] is True and res["values_max_rel_diff"] < 1e-3  # the same vectors
+    assert res["batch_size"] == 3 and res["values_templates"] >= 1
+    assert "ratio.values_batched_speedup" in capsys.readouterr().out
+
+
 def test_perf_rejects_bad_arguments(capsys) -> None:
     assert main(["--model", "tiny-gpt2", "--repeats", "0"]) == 2
     assert "--repeats must be >= 1" in capsys.readouterr().err
+    assert main(["--model", "tiny-gpt2", "--values", "-1"]) == 2
+    assert "--values must be >= 0" in capsys.readouterr().err

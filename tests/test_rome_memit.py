@@ -13,7 +13,8 @@ from conftest import private_cache, tiny
 from bench.config import Sweep, SweepError, validate
 from bench.data import DataError, edit_batch, load_task
 from methods.base import weights_digest
-from methods.locate import group_weights, io_at, keys_at, optimise_value, second_moment
+from methods.locate import group_weights, io_at, keys_at, second_moment
+from methods.values import optimise_value, optimise_values
 from methods.memit import MEMIT, MEMITHparams, paper_hparams
 from methods.rome import ROME
 
@@ -128,6 +129,35 @@ def test_memit_with_one_edit_and_one_layer_is_rome(cf) -> None:
     assert torch.allclose(memit.deltas[name], rome.deltas[name], atol=1e-5 * float(rome.deltas[name].abs().max()))
 
 
+@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gpt2"])
+def test_values_of_a_batch_of_facts_are_those_of_the_one_at_a_time_loop(alias, cf) -> None:
+    """optimise_values on four facts at once gives each fact the vector, NLL and step count the authors' loop
+    (optimise_value, one fact alone) gives it, up to float noise from padding; with a stop loss some facts reach
+    early, a stopped fact keeps its vector while the others go on."""
+    import methods.values
+
+    m = tiny(alias)
+    ed = ROME(m, SMALL)
+    recs = list(cf["test"][:4])
+    module = m.mlp_out(ed.layer)
+    stop = methods.values.STOP_LOSS  # the authors' 0.05 first (tiny models never reach it in 6 steps) ...
+    for _ in range(2):
+        methods.values.STOP_LOSS = stop
+        try:
+            alone = [optimise_value(m, module, r, ed.templates(), ed.hparams) for r in recs]
+            together = optimise_values(m, module, recs, ed.templates(), ed.hparams)
+        finally:
+            methods.values.STOP_LOSS = 5e-2
+        assert [v.steps for v in together] == [v.steps for v in alone]
+        for a, b in zip(alone, together):
+            assert torch.allclose(a.init, b.init, atol=1e-5)
+            assert torch.allclose(a.target, b.target, atol=1e-4 * float(a.target.norm()) + 1e-5)
+            assert b.nll == pytest.approx(a.nll, rel=1e-4, abs=1e-5)
+        nlls = sorted(v.nll for v in alone)
+        stop = (nlls[1] + nlls[2]) / 2  # ... then a stop loss half the facts reach before the others
+    assert len({v.steps for v in alone}) > 1, [v.nll for v in alone]  # facts stopped at different steps
+
+
 def test_memit_writes_a_batch_in_one_solve_over_a_band(cf) -> None:
     """Three requests, layers 0-2: every request's last-layer output reaches its own z (lambda -> 0, keys of
     the bare prompts, so the last layer's least squares is exact) and every layer of the band is updated."""
@@ -139,7 +169,7 @@ def test_memit_writes_a_batch_in_one_solve_over_a_band(cf) -> None:
     edit = ed.edit(edit_batch(m, recs))
     assert sorted(edit.deltas) == sorted(f"model.layers.{i}.mlp.down_proj.weight" for i in range(3))
     z_mod = m.block(2)
-    zs = torch.stack([optimise_value(m, z_mod, r, ed.templates(), ed.hparams).target for r in recs])
+    zs = torch.stack([optimise_value(m, z_mod, r, ed.templates(), ed.hparams).target for r in recs])  # alone
     _, before = io_at(m, z_mod, recs)
     _, after = io_at(m, z_mod, recs, edit.deltas)
     assert (before - zs).norm() > 1e-2
