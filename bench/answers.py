@@ -32,7 +32,7 @@ import torch
 
 from bench.cache import cached
 from bench.data import EditRecord, kind_of
-from bench.generation import answers, contains, exact_match, normalize_answer, question_prompt
+from bench.generation import contains, exact_match, free_answers, normalize_answer, question_prompt
 from bench.models import EditableModel, weights_digest
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def answer(model: EditableModel, recs: Sequence[EditRecord], ask: Asked, deltas:
     keys = list(ask)
     prompts = [p for k in keys for p in ask[k][0]]
     caps = [c for k in keys for c in ask[k][1]]
-    got = answers(model, prompts, caps, deltas, kind_of(recs).answer_stops)
+    got = free_answers(model, prompts, caps, deltas, kind_of(recs).answer_stops)
     out, i = {}, 0
     for k in keys:
         n = len(ask[k][0])
@@ -150,12 +150,13 @@ class PreAnswers:
         self.asks = [asked(model, b, template) if applies(model, b) else {} for b in batches]
         self._batches = batches
         self._answers: list[dict[str, list]] | None = None
-        self._use_cache = use_cache
+        self._use_cache = use_cache and any(self.asks)
         self._inputs = {"v": self.VERSION, "model": model.name, "weights": digest or weights_digest(model),
                         "device": model.device.type, "dtype": str(next(model.model.parameters()).dtype),
                         "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "stops": [list(kind_of(b).answer_stops) if b else [] for b in batches],
-                        "asked": [{k: [v[0], v[1]] for k, v in a.items()} for a in self.asks]}
+                        "asked": [{k: [v[0], v[1]] for k, v in a.items()} for a in self.asks]
+                        } if self._use_cache else {}
 
     def _compute(self) -> list[dict[str, list]]:
         t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from bench import cli
 from bench.data import DataError, EditRecord, TaskKind, collate, load_card, task_kind
+from bench.generation import greedy
 from bench.models import ModelSpecError, load_model
 from bench.schema import Param
 from bench.tracking import TrackingError, check_tracking_uri, client, default_tracking_uri
@@ -42,7 +43,7 @@ class EditCliError(ValueError):
 @torch.no_grad()
 def generate(model: Any, prompt: str, deltas: Mapping[str, Tensor] | None, max_new_tokens: int = 20) -> str | int:
     """Greedy output of the (edited) model: generated text, or the label id of a classifier (its output head
-    gives one label per text, decoders generate)."""
+    gives one label per text, decoders generate; causal models through :func:`bench.generation.greedy`)."""
     tok = model.tokenizer
     if model.kind == "classifier":
         enc = tok([prompt], return_tensors="pt").to(model.device)
@@ -59,15 +60,7 @@ def generate(model: Any, prompt: str, deltas: Mapping[str, Tensor] | None, max_n
                 break
             dec = torch.cat([dec, torch.tensor([[nxt]], device=model.device)], 1)
         return tok.decode(dec[0, 1:], skip_special_tokens=True).strip()
-    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]], device=model.device)
-    n0 = ids.shape[1]
-    for _ in range(max_new_tokens):
-        logits = model.logits({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, deltas)
-        nxt = int(logits[0, -1].argmax())
-        if nxt == eos:
-            break
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=model.device)], 1)
-    return tok.decode(ids[0, n0:], skip_special_tokens=True).strip()
+    return greedy(model, [prompt], max_new_tokens, deltas, stops=())[0]  # KV-cached, stops at EOS only
 
 
 def _run_params(c: Any, uri: str, run_id: str) -> tuple[dict[str, str], Any]:

@@ -3,7 +3,7 @@
 Teacher-forced scores feed the gold target and check each of its tokens; the generation protocol lets the edited
 model answer by itself and scores the whole answer:
 
-- :func:`greedy_ids` / :func:`greedy` / :func:`answers`: batched greedy decoding with the KV cache (Hugging
+- :func:`greedy_ids` / :func:`greedy` / :func:`free_answers`: batched greedy decoding with the KV cache (Hugging
   Face ``generate``) on the model with ``W + deltas`` swapped in for the duration of the call (the module's own
   parameters are never written), each row stopping at EOS, at a stop string (end of line by default) or after its
   own cap of new tokens;
@@ -133,10 +133,10 @@ def greedy(model: EditableModel, prompts: Sequence[str], max_new_tokens: int | S
            deltas: Mapping[str, Tensor] | None = None, stops: Sequence[str] = STOP_STRINGS) -> list[str]:
     """The model's free answers to ``prompts`` (:func:`greedy_ids`), decoded and cut at the first of ``stops``,
     leading and trailing whitespace stripped."""
-    return [text for text, _ in answers(model, prompts, max_new_tokens, deltas, stops)]
+    return [text for text, _ in free_answers(model, prompts, max_new_tokens, deltas, stops)]
 
 
-def answers(model: EditableModel, prompts: Sequence[str], max_new_tokens: int | Sequence[int],
+def free_answers(model: EditableModel, prompts: Sequence[str], max_new_tokens: int | Sequence[int],
             deltas: Mapping[str, Tensor] | None = None, stops: Sequence[str] = STOP_STRINGS
             ) -> list[tuple[str, list[int]]]:
     """Per prompt, the free answer (:func:`greedy`'s text) and the generated ids it was decoded from (EOS left

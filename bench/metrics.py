@@ -32,7 +32,7 @@ from bench import answers, probes  # called through the modules: one place where
 from bench.data import EditBatch, EditRecord, edit_batch, kind_of
 from bench.losses import argmax_agreement, argmax_scores, per_seq_kl, seq_logprob
 from bench.memory import PeakMemory
-from bench.models import EditableModel
+from bench.models import EditableModel, weights_digest
 from bench.probes import PreEditProbes
 from bench.schema import STYLES, WITH_CI  # per-edit metric -> style, and those with CIs: declared once there
 
@@ -297,9 +297,11 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
     rows: list[dict[str, Any]] = []
     starts = list(range(0, len(records), edit_batch_size))
     all_groups = [_probe_groups(records[s : s + edit_batch_size], rome_neighbourhood) for s in starts]
+    if cache_pre and digest is None:  # both caches key on the weights: hashed once
+        digest = weights_digest(model)
     pres = PreEditProbes(model, [{k: g[k] for k in ("equiv", "loc")} for g in all_groups], digest, cache_pre)
-    pre_answers = answers.PreAnswers(model, [records[s : s + edit_batch_size] for s in starts] if generation else [],
-                                     template, digest, cache_pre)
+    pre_answers = (answers.PreAnswers(model, [records[s : s + edit_batch_size] for s in starts], template, digest,
+                                      cache_pre) if generation else None)
     gen_s = 0.0
     for b, start in enumerate(starts):
         recs = list(records[start : start + edit_batch_size])
@@ -311,7 +313,7 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
             edit = total  # the rows score the model with every edit so far
         post = probes.probe(model, all_groups[b], edit.deltas)
         new = _batch_rows(recs, b, post, pre, cost, _rome_scores(post, len(recs), _known(recs), rome_neighbourhood))
-        if generation and pre_answers.asks[b]:
+        if pre_answers is not None and pre_answers.asks[b]:
             t0 = time.perf_counter()
             said = answers.answer(model, recs, pre_answers.asks[b], edit.deltas)
             for row, scored in zip(new, answers.scores(model, recs, pre_answers.get(b), said)):
@@ -335,7 +337,7 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
         log.info("pre-edit probes of %d batches cached for the next evaluation on this model and test set",
                  len(starts))
     metrics = aggregate(rows)
-    if generation and any(pre_answers.asks):
+    if pre_answers is not None and any(pre_answers.asks):
         metrics["gen_time_s"] = gen_s
     if done_marks:
         metrics.update({k: v for k, v in done_marks[-1].items() if k != "n_edits"})
