@@ -76,6 +76,8 @@ def build(uri: str, experiment: str, out: Path, formats: list[str]) -> Report:
     val_curves = validation_curves(uri, trained) if trained else {}
     if val_curves:
         rep.plots["training_curves"] = plot_training(val_curves, out)
+    for stale in set(PLOT_TITLES) - set(rep.plots):  # a plot an earlier report drew that this one does not
+        (out / f"{stale}.png").unlink(missing_ok=True)
     write(rep, out, formats)
     return rep
 
@@ -126,7 +128,9 @@ def results_block(uri: str, experiment: str) -> str:
     if ind.is_empty():
         raise ReportError(f"experiment {experiment!r}: no independent-mode run to tabulate")
     header, rows, note = table_results(ind)
-    commits = sorted({str(c)[:7] for c in ind[f"t.{GIT_COMMIT_TAG}"].to_list()}) if f"t.{GIT_COMMIT_TAG}" in \
+    # a commit the runs ran with uncommitted changes on top of says so ("-dirty" in the tag)
+    commits = sorted({str(c)[:7] + (" (with uncommitted changes)" if str(c).endswith("-dirty") else "")
+                      for c in ind[f"t.{GIT_COMMIT_TAG}"].to_list()}) if f"t.{GIT_COMMIT_TAG}" in \
         ind.columns else ["unknown"]
     newest = datetime.fromtimestamp(int(ind["start_time"].max()) / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
     description = (client(uri).get_experiment_by_name(experiment).tags or {}).get(NOTE_TAG, "")

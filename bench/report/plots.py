@@ -111,11 +111,11 @@ def make_plots(df: Any, out: Path, colours: dict[str, Any] | None = None) -> dic
 
 
 def _legend(ax: Any) -> None:
-    """One legend entry per label (a scatter point per run repeats them)."""
+    """One legend entry per label (a scatter point per run repeats them), in the labels' order."""
     handles, labels = ax.get_legend_handles_labels()
     seen = dict(zip(labels, handles))
     if seen:
-        ax.legend(list(seen.values()), list(seen), fontsize=7)
+        ax.legend([seen[k] for k in sorted(seen)], sorted(seen), fontsize=7)
 
 
 def plot_retention(curves: dict[tuple[str, str, str], list[tuple[int, float, float, float]]], out: Path,

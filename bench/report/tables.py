@@ -92,8 +92,8 @@ def table_protocols(df: Any) -> tuple[list[str], list[list[str]], str]:
     free answers on x_e (question form, plain continuation, contained), locality agreement under each. Empty
     when no run has the generation protocol."""
     header = ["dataset / model", "editor", "ES (x'_e)", "free EM (x'_e)", "gap", "edit acc (x_e)",
-              "free EM (x_e)", "free EM (x_e, plain)", "free contains (x_e)", "loc agree", "free loc agree",
-              "free EM before (x_e)"]
+              "free EM (x_e)", "free EM (x_e, plain)", "free contains (x_e)", "free contains (x_e, plain)",
+              "loc agree", "free loc agree", "free EM before (x_e)"]
     rows = []
     marks = Marks()
     for ds, model, m, runs in smallest_batch_cells(df):
@@ -104,15 +104,16 @@ def table_protocols(df: Any) -> tuple[list[str], list[list[str]], str]:
         cells = [pm(*pooled(runs, k)[:2]) for k in ("es", "gen_rephrase_em")]
         cells.append(f"{es - free_es:+.3f}" if not math.isnan(es) else "-")
         cells += [pm(*pooled(runs, k)[:2]) for k in ("edit_acc", "gen_edit_em", "gen_edit_plain_em",
-                                                     "gen_edit_contains", "loc_agree", "gen_loc_agree")]
+                                                     "gen_edit_contains", "gen_edit_plain_contains", "loc_agree",
+                                                     "gen_loc_agree")]
         cells.append(pm(pooled(runs, "gen_edit_em_pre")[0], float("nan")))
         rows.append([f"{ds} / {model}", m + marks.of(runs), *cells])
     return header, rows, ("Teacher-forced (ES, edit acc, loc agree: the gold target fed, every token the argmax) "
                           "beside the generation protocol (free: the edited model answers by itself, greedy, stopping "
                           "at EOS, '.' or a new line or at the target's tokens + 5; scored on the whole answer after "
                           "SQuAD normalisation). x_e and x'_e are asked in the card's question template inside the "
-                          "chat template where the model has one; plain = x_e continued as it is. gap = ES - free EM "
-                          "on x'_e: what teacher forcing adds. free EM before = the unedited model's. Mean ± 95% CI."
+                          "chat template where the model has one; plain = x_e continued as it is; contains = the "
+                          "answer holds y_e as whole words. gap = ES - free EM on x'_e: what teacher forcing adds. free EM before = the unedited model's. Mean ± 95% CI."
                           + marks.footnote())
 
 
