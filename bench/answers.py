@@ -120,12 +120,13 @@ def scores(model: EditableModel, recs: Sequence[EditRecord], pre: Mapping[str, l
             "gen_rephrase_contains": float(contains(post["equiv"][i][0], target)),
             "gen_loc_agree": float(_same(pre["loc"][i], post["loc"][i], stops)),
             "gen_edit_text_pre": pre["edit"][i][0], "gen_edit_text": post["edit"][i][0],
-            "gen_rephrase_text": post["equiv"][i][0],
+            "gen_rephrase_text_pre": pre["equiv"][i][0], "gen_rephrase_text": post["equiv"][i][0],
             "gen_loc_text_pre": pre["loc"][i][0], "gen_loc_text": post["loc"][i][0],
         }
         if "edit_plain" in post:
             row.update({"gen_edit_plain_em": float(exact_match(post["edit_plain"][i][0], target)),
                         "gen_edit_plain_contains": float(contains(post["edit_plain"][i][0], target)),
+                        "gen_edit_plain_text_pre": pre["edit_plain"][i][0],
                         "gen_edit_plain_text": post["edit_plain"][i][0]})
         if stops:  # an answer: the locality answer against its gold answer
             row.update({"gen_loc_em_pre": float(exact_match(pre["loc"][i][0], loc)),

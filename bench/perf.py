@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ft-steps", type=int, default=5, help="FT optimiser steps per edit")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--values", type=int, default=0, metavar="N",
-                    help="measure only ROME/MEMIT's value optimisation: N facts batched against one at a time")
+                    help="measure only ROME/MEMIT's value optimisation: N facts batched against one at a time "
+                         "(default 0: the editors' ratios instead)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the results (default: print only)")
     ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)

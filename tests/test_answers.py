@@ -31,6 +31,8 @@ def test_a_noop_edit_answers_as_the_unedited_model_bit_for_bit(tmp_path, monkeyp
     res = evaluate(NoOpEditor(), m, zsre["test"][:4], edit_batch_size=2, question_template=TEMPLATE)
     for r in res.rows:
         assert r["gen_edit_text"] == r["gen_edit_text_pre"] and r["gen_loc_text"] == r["gen_loc_text_pre"]
+        assert r["gen_rephrase_text"] == r["gen_rephrase_text_pre"]
+        assert r["gen_edit_plain_text"] == r["gen_edit_plain_text_pre"]
         assert r["gen_loc_agree"] == 1.0 and r["gen_edit_em"] == r["gen_edit_em_pre"]
         assert r["gen_loc_em_post"] == r["gen_loc_em_pre"]
     assert res.metrics["gen_loc_agree"] == 1.0 and res.metrics["gen_time_s"] > 0
@@ -40,7 +42,7 @@ def test_a_noop_edit_answers_as_the_unedited_model_bit_for_bit(tmp_path, monkeyp
 
 def test_a_damaging_edit_changes_what_the_model_says(tmp_path, monkeypatch, zsre) -> None:
     private_cache(monkeypatch, tmp_path / "cache")
-    m = tiny("tiny-llama")
+    m = tiny("tiny-gpt2")
     res = evaluate(NoiseEditor(m), m, zsre["test"][:4], question_template=TEMPLATE)
     assert res.metrics["gen_loc_agree"] < 1.0
     assert any(r["gen_edit_text"] != r["gen_edit_text_pre"] for r in res.rows)
@@ -51,7 +53,7 @@ def test_scores_on_hand_made_answers() -> None:
     m = tiny("tiny-llama")
     recs = [_rec(0), _rec(1)]
     pre = {"edit": [("Charles Babbage", []), ("I do not know", [])], "equiv": [("x", []), ("y", [])],
-           "loc": [("Paris.", []), ("Lyon", [])]}
+           "edit_plain": [("was", []), ("is", [])], "loc": [("Paris.", []), ("Lyon", [])]}
     post = {"edit": [("ada lovelace.", []), ("It was Ada Lovelace", [])],
             "equiv": [("The Ada Lovelace", []), ("Babbage", [])],
             "edit_plain": [("Ada Lovelace", []), ("Ada", [])], "loc": [("paris", []), ("Marseille", [])]}

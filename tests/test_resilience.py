@@ -30,6 +30,7 @@ MULTI = {
     "models": ["tiny-gpt2", "tiny-llama"],
     "datasets": [{"name": "zsre", "n_train": 16, "n_val": 4}],
     "methods": [{"name": "ft", "hparams": {"lr": 1.0e-2, "max_steps": 3}}],
+    "generation": False,  # interruptions are under test, not the free answers (tests/test_answers.py)
 }
 
 
@@ -159,7 +160,7 @@ def test_shipped_asha_sweep_end_to_end_on_tiny_models(tmp_path: Path) -> None:
     val_loss, FT's run unscheduled; every run ends FINISHED or (stopped by ASHA) KILLED with the reason."""
     doc = yaml.safe_load((REPO / "sweeps" / "tune_lr.yaml").read_text())
     doc.update(models=["tiny-gpt2"], n_edits=2, num_samples=2, max_concurrent=2, resources={"cpu": 1},
-               datasets=[{"name": "zsre", "n_train": 16, "n_val": 4}])
+               datasets=[{"name": "zsre", "n_train": 16, "n_val": 4}], generation=False)
     doc["scheduler"].update(metric="val_loss", mode="min", grace_period=1, max_t=5)
     small = {"max_steps": 6, "val_every": 2, "val_edits": 2, "patience": 10}
     keep = []
