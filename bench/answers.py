@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -147,7 +146,7 @@ class PreAnswers:
 
     def __init__(self, model: EditableModel, batches: Sequence[Sequence[EditRecord]], template: str | None,
                  digest: str | None = None, use_cache: bool = True) -> None:
-        self.model, self.seconds = model, 0.0
+        self.model = model
         self.asks = [asked(model, b, template) if applies(model, b) else {} for b in batches]
         self._batches = batches
         self._answers: list[dict[str, list]] | None = None
@@ -160,10 +159,7 @@ class PreAnswers:
                         } if self._use_cache else {}
 
     def _compute(self) -> list[dict[str, list]]:
-        t0 = time.perf_counter()
-        out = [answer(self.model, b, a, None) if a else {} for b, a in zip(self._batches, self.asks)]
-        self.seconds += time.perf_counter() - t0
-        return out
+        return [answer(self.model, b, a, None) if a else {} for b, a in zip(self._batches, self.asks)]
 
     def get(self, i: int) -> dict[str, list[tuple[str, list[int]]]]:
         """Batch ``i``'s answers before the edit, by key (empty where the protocol does not apply)."""
