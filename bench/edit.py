@@ -208,11 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         rec = EditRecord(case_id=f"cli-{i}", task="cli", kind=kind.name, prompt=prompt, target=str(target),
                          subject=args.subject, label=tgt if isinstance(tgt, int) else None)
         batch = collate(model, [prompt], [tgt], records=[rec])  # typed answers follow the prompt after a space
-        with model.applying(total.deltas):  # sequential: edit the already-edited model (weights untouched)
+        with model.applying(total.changes):  # sequential: edit the already-edited model (weights untouched)
             step = editor.edit(batch).detach()
         total = total + step
         print(f"after edit {i + 1} ({prompt!r} -> {target!r}):")
-        show(total.deltas)
+        show(total.changes)
     return 0
 
 

@@ -4,8 +4,8 @@ Teacher-forced scores feed the gold target and check each of its tokens; the gen
 model answer by itself and scores the whole answer:
 
 - :func:`greedy_ids` / :func:`greedy` / :func:`free_answers`: batched greedy decoding with the KV cache (Hugging
-  Face ``generate``) on the model with ``W + deltas`` swapped in for the duration of the call (the module's own
-  parameters are never written), each row stopping at EOS, at a stop string (end of line by default) or after its
+  Face ``generate``) on the model with ``W + deltas`` swapped in and any module adaptors hooked in for the
+  duration of the call (the module's own parameters are never written), each row stopping at EOS, at a stop string (end of line by default) or after its
   own cap of new tokens;
 - :func:`question_prompt`: the question as a user asks it: a card's question template, and the chat template
   for an instruction-tuned model that has one;
@@ -29,7 +29,7 @@ from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.fu
 
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from bench.models import EditableModel
+from bench.models import Change, EditableModel
 
 #: Where a free answer ends besides EOS: the end of its line (short-answer tasks answer on one line).
 STOP_STRINGS: tuple[str, ...] = ("\n",)
@@ -95,7 +95,7 @@ class _StopAtText(StoppingCriteria):
 
 @torch.no_grad()
 def greedy_ids(model: EditableModel, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
-               deltas: Mapping[str, Tensor] | None = None, stop_strings: Sequence[str] = ()) -> list[list[int]]:
+               deltas: Mapping[str, Change] | None = None, stop_strings: Sequence[str] = ()) -> list[list[int]]:
     """Greedy continuations (token ids, EOS left out) of each prompt, decoded in one left-padded batch with the
     KV cache on the model with ``W + deltas``; each stops at EOS, after a token that completes one of
     ``stop_strings``, or after its ``max_new_tokens`` (one cap for all, or one per prompt: a row is the same as
@@ -114,7 +114,7 @@ def greedy_ids(model: EditableModel, prompt_ids: Sequence[Sequence[int]], max_ne
         ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
         mask[i, width - len(p):] = 1
     stop = StoppingCriteriaList([_StopAtText(tok, width, stop_strings, caps)])
-    with _reparametrize_module(model.model, model.edited_params(deltas)):
+    with _reparametrize_module(model.model, model.edited_params(deltas)), model.adapted(deltas):
         out = model.model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                    max_new_tokens=max(caps), do_sample=False, num_beams=1, pad_token_id=pad,
                                    eos_token_id=tok.eos_token_id, stopping_criteria=stop)
@@ -130,14 +130,14 @@ def greedy_ids(model: EditableModel, prompt_ids: Sequence[Sequence[int]], max_ne
 
 
 def greedy(model: EditableModel, prompts: Sequence[str], max_new_tokens: int | Sequence[int],
-           deltas: Mapping[str, Tensor] | None = None, stops: Sequence[str] = STOP_STRINGS) -> list[str]:
+           deltas: Mapping[str, Change] | None = None, stops: Sequence[str] = STOP_STRINGS) -> list[str]:
     """The model's free answers to ``prompts`` (:func:`greedy_ids`), decoded and cut at the first of ``stops``,
     leading and trailing whitespace stripped."""
     return [text for text, _ in free_answers(model, prompts, max_new_tokens, deltas, stops)]
 
 
 def free_answers(model: EditableModel, prompts: Sequence[str], max_new_tokens: int | Sequence[int],
-            deltas: Mapping[str, Tensor] | None = None, stops: Sequence[str] = STOP_STRINGS
+            deltas: Mapping[str, Change] | None = None, stops: Sequence[str] = STOP_STRINGS
             ) -> list[tuple[str, list[int]]]:
     """Per prompt, the free answer (:func:`greedy`'s text) and the generated ids it was decoded from (EOS left
     out, not cut at the stop)."""

@@ -33,6 +33,7 @@ from bench.data import EditBatch, EditRecord, edit_batch, kind_of
 from bench.losses import argmax_agreement, argmax_scores, per_seq_kl, seq_logprob
 from bench.memory import PeakMemory
 from bench.models import EditableModel, weights_digest
+from bench.models.adaptors import change_size
 from bench.probes import PreEditProbes
 from bench.schema import STYLES, WITH_CI  # per-edit metric -> style, and those with CIs: declared once there
 
@@ -217,7 +218,7 @@ def _timed_edit(editor: EditorLike, model: EditableModel, batch: EditBatch, on: 
     with PeakMemory(model.device) as mem:
         t0 = time.perf_counter()
         if on is not None:
-            with model.applying(on.deltas):  # the edit is computed on the model as already edited
+            with model.applying(on.changes):  # the edit is computed on the model as already edited
                 edit = editor.edit(batch)
         else:
             edit = editor.edit(batch)
@@ -311,11 +312,11 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
         if sequential:
             total = edit.detach() if total is None else total + edit.detach()
             edit = total  # the rows score the model with every edit so far
-        post = probes.probe(model, all_groups[b], edit.deltas)
+        post = probes.probe(model, all_groups[b], edit.changes)
         new = _batch_rows(recs, b, post, pre, cost, _rome_scores(post, len(recs), _known(recs), rome_neighbourhood))
         if pre_answers is not None and pre_answers.asks[b]:
             t0 = time.perf_counter()
-            said = answers.answer(model, recs, pre_answers.asks[b], edit.deltas)
+            said = answers.answer(model, recs, pre_answers.asks[b], edit.changes)
             for row, scored in zip(new, answers.scores(model, recs, pre_answers.get(b), said)):
                 row.update(scored)
             gen_s += time.perf_counter() - t0
@@ -323,8 +324,10 @@ def _evaluate(editor: EditorLike, model: EditableModel, records: Sequence[EditRe
             row["step"] = b + 1
         rows += new
         if sequential and any(len(rows) - len(recs) < k <= len(rows) for k in marks):
-            scores, es_each = retention(model, records[: len(rows)], total.deltas, template=template,
+            scores, es_each = retention(model, records[: len(rows)], total.changes, template=template,
                                         generation=generation)
+            size = change_size(dict(model.model.named_parameters()), total.changes)
+            scores.update({f"retention_{k}": v for k, v in size.items()})
             gen_s += scores.pop("gen_time_s", 0.0)
             done_marks.append({"n_edits": float(len(rows)), **scores})
             for r, e in zip(rows, es_each):

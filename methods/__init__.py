@@ -5,11 +5,13 @@ A new editor is one file defining an :class:`~methods.base.Editor` subclass plus
 
 from __future__ import annotations
 
+from methods.alphaedit import AlphaEdit
 from methods.base import Edit, Editor, FitResult, Hparams
 from methods.budget import Budget
 from methods.enn import ENN
 from methods.ft import FT, FTKL
 from methods.ftl import FTL
+from methods.grace import GRACE
 from methods.ke import KE
 from methods.memit import MEMIT
 from methods.mend import MEND
@@ -24,6 +26,8 @@ REGISTRY: dict[str, type[Editor]] = {
     ROME.name: ROME,
     MEMIT.name: MEMIT,
     FTL.name: FTL,
+    GRACE.name: GRACE,
+    AlphaEdit.name: AlphaEdit,
 }
 
 

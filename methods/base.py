@@ -1,9 +1,10 @@
 """The editor contract shared by every method.
 
 An :class:`Editor` wraps an :class:`~bench.models.EditableModel`. ``edit(batch)`` returns an :class:`Edit`, a map
-from parameter names to weight deltas; the model is evaluated with ``W + dW`` through
-``torch.func.functional_call`` (see :meth:`EditableModel.logits`) and is never mutated by an edit. A batched edit
-is one ``edit`` call on B requests; sequential edits compose deltas with ``+``.
+from parameter names to weight deltas and, for methods whose edits are not weight deltas (GRACE), from module names
+to module adaptors (:mod:`bench.models.adaptors`); the model is evaluated with ``W + dW`` through
+``torch.func.functional_call`` and the adaptors hooked in (see :meth:`EditableModel.logits`) and is never mutated
+by an edit. A batched edit is one ``edit`` call on B requests; sequential edits compose with ``+``.
 
 Each editor declares what it is with flags that each mean one thing: ``learned`` (``fit`` trains parameters on
 training edits; the state is a checkpoint, reused across trials trained the same way), ``has_fit_step`` (``fit``
@@ -33,7 +34,8 @@ from torch import Tensor
 from bench import losses
 from bench.data.batches import EditBatch
 from bench.data.records import EditRecord
-from bench.models import EditableModel, weights_digest  # noqa: F401 (re-exported)
+from bench.models import (Adaptor, Change, EditableModel, compose, load_adaptor, split,  # noqa: F401
+                          weights_digest)  # weights_digest: re-exported
 from methods import nets
 from methods.budget import Budget, selection_rank
 
@@ -51,22 +53,60 @@ class Hparams(BaseModel):
 
 @dataclass
 class Edit:
-    """Weight deltas by parameter name, plus how many optimiser steps the edit took and diagnostics."""
+    """What an edit changes: weight deltas by parameter name and module adaptors by module name (edits that are
+    not weight deltas, :mod:`bench.models.adaptors`; none for most methods), plus how many optimiser steps the edit
+    took and diagnostics."""
 
     deltas: dict[str, Tensor]
     steps: int = 0
     info: dict[str, float] = field(default_factory=dict)
+    adaptors: dict[str, Adaptor] = field(default_factory=dict)
+
+    @property
+    def changes(self) -> dict[str, Change]:
+        """Deltas and adaptors in one map: what ``EditableModel.logits`` / ``applying`` take."""
+        return {**self.deltas, **self.adaptors}
 
     def __add__(self, other: "Edit") -> "Edit":
-        """Compose two edits (apply ``self`` then ``other``): deltas add up, steps add up, diagnostics are
-        merged (``other``'s win)."""
-        deltas = dict(self.deltas)
-        for n, d in other.deltas.items():
-            deltas[n] = deltas[n] + d if n in deltas else d
-        return Edit(deltas, self.steps + other.steps, {**self.info, **other.info})
+        """Compose two edits (apply ``self`` then ``other``): deltas add up, adaptors of one module compose as
+        their method defines, steps add up, diagnostics are merged (``other``'s win)."""
+        deltas, adaptors = split(compose(self.changes, other.changes))
+        return Edit(deltas, self.steps + other.steps, {**self.info, **other.info}, adaptors)
 
     def detach(self) -> "Edit":
-        return Edit({n: d.detach() for n, d in self.deltas.items()}, self.steps, dict(self.info))
+        return Edit({n: d.detach() for n, d in self.deltas.items()}, self.steps, dict(self.info),
+                    {n: a.detach() for n, a in self.adaptors.items()})
+
+    def save(self, path: str | Path) -> Path:
+        """Write the edit to one safetensors file (deltas as ``delta/<name>``, adaptor tensors as
+        ``adaptor/<module>/<tensor>``, adaptor kinds and settings and the steps in its header); returns the path."""
+        from safetensors.torch import save_file  # only when an edit is saved
+
+        tensors = {f"delta/{n}": d.detach().cpu().contiguous() for n, d in self.deltas.items()}
+        meta = {"steps": str(self.steps)}
+        for m, a in self.adaptors.items():
+            tensors.update({f"adaptor/{m}/{k}": v.detach().cpu().contiguous() for k, v in a.tensors().items()})
+            meta[f"adaptor/{m}"] = json.dumps({"kind": a.kind, **a.meta()})
+        path = Path(path)
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+    @staticmethod
+    def load(path: str | Path, device: str | torch.device = "cpu") -> "Edit":
+        """An edit written by :meth:`save` (its adaptors' kinds must be importable, i.e. their editor imported)."""
+        from safetensors import safe_open  # only when an edit is loaded
+
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        deltas = {k[len("delta/"):]: v for k, v in tensors.items() if k.startswith("delta/")}
+        adaptors = {}
+        for key, text in meta.items():
+            if key.startswith("adaptor/"):
+                m, settings = key[len("adaptor/"):], json.loads(text)
+                mine = {k[len(key) + 1:]: v for k, v in tensors.items() if k.startswith(key + "/")}
+                adaptors[m] = load_adaptor(settings.pop("kind"), mine, settings)
+        return Edit(deltas, int(meta.get("steps", 0)), {}, adaptors)
 
 
 #: Why a fit ended. Only ``converged`` (patience on validation ran out after the editor improved on its untrained

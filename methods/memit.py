@@ -141,7 +141,12 @@ class MEMIT(LocateEditor):
                 ks = keys_at(m, module, recs, self.templates(), weights=self.key_weights()).T.double()  # (d_in, n)
                 cur = io_at(m, z_module, recs)[1].T.double()  # (d, n)
             resid = (zs.double() - cur) / (len(self.layers) - i)
-            adj = torch.linalg.solve(self.lam * self.moment(module).double() + ks @ ks.T, ks)  # (d_in, n)
-            deltas[name] = as_weight(m, name, resid @ adj.T)
+            deltas[name] = as_weight(m, name, self.update(module, ks, resid))
         return Edit(deltas, steps=sum(v.steps for v in values),
                     info={"v_nll": sum(v.nll for v in values) / len(values)})
+
+    def update(self, module: str, ks: Tensor, resid: Tensor) -> Tensor:
+        """The (d_out, d_in) update of one layer of the band from its keys K (d_in, n) and residuals R (d_out, n):
+        ``R A^T`` with ``A = solve(lambda C + K K^T, K)`` (float64)."""
+        adj = torch.linalg.solve(self.lam * self.moment(module).double() + ks @ ks.T, ks)  # (d_in, n)
+        return resid @ adj.T

@@ -7,10 +7,12 @@ the module itself is never mutated.
 
 - :mod:`bench.models.families`: the per-family table of kinds and edited weights;
 - :mod:`bench.models.editable`: ``EditableModel`` and the digest of its weights;
+- :mod:`bench.models.adaptors`: module adaptors, edits that are not weight deltas (GRACE's codebook);
 - :mod:`bench.models.weights`: SmolLM2 (GGUF, converted once), MiniLM, the tiny test models;
 - :mod:`bench.models.loading`: aliases, folders and Hub ids -> ``load_model``, checks before any trial.
 """
 
+from bench.models.adaptors import Adaptor, Change, compose, load_adaptor, split
 from bench.models.editable import EditableModel, LayerIO, StopForward, weights_digest
 from bench.models.families import FAMILIES, FamilySpec, Kind, ModelSpecError, family_of, select_edit_params
 from bench.models.loading import (ALIASES, BARE_HUB_IDS, check_model_folder, load_model, model_kind_hint,
@@ -18,7 +20,7 @@ from bench.models.loading import (ALIASES, BARE_HUB_IDS, check_model_folder, loa
 from bench.models.weights import SMOLLM2_GGUF, SMOLLM2_HUB_ID, TINY_ALIASES, minilm_dir, smollm2_dir
 
 __all__ = [
-    "ALIASES", "BARE_HUB_IDS", "FAMILIES", "SMOLLM2_GGUF", "SMOLLM2_HUB_ID", "TINY_ALIASES", "EditableModel",
+    "Adaptor", "Change", "compose", "load_adaptor", "split", "ALIASES", "BARE_HUB_IDS", "FAMILIES", "SMOLLM2_GGUF", "SMOLLM2_HUB_ID", "TINY_ALIASES", "EditableModel",
     "FamilySpec", "Kind", "LayerIO", "ModelSpecError", "StopForward", "check_model_folder", "family_of",
     "load_model", "minilm_dir", "model_kind_hint", "resolve_model_source", "select_edit_params", "smollm2_dir",
     "weights_digest",

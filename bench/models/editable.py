@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from bench.models.adaptors import Adaptor, Change, compose, hooked, split
 from bench.models.families import FAMILIES, FamilySpec, Kind, ModelSpecError
 
 
@@ -40,9 +41,9 @@ class EditableModel:
     Promises: every parameter has ``requires_grad=False`` and the module is in eval mode; ``edit_params`` are
     names of 2-D weights in model order; ``conv1d`` tells whether those weights are stored (in, out).
 
-    ``applied`` holds weight deltas that every forward pass adds (see :meth:`applying`): the model "as already
-    edited" for sequential editing, without touching the module's parameters. Views made by
-    :meth:`with_edit_params` share it (and the module).
+    ``applied`` holds the changes every forward pass makes (see :meth:`applying`): weight deltas by parameter name
+    and module adaptors by module name (:mod:`bench.models.adaptors`), the model "as already edited" for sequential
+    editing, without touching the module. Views made by :meth:`with_edit_params` share it (and the module).
     """
 
     name: str
@@ -122,35 +123,47 @@ class EditableModel:
         return self.model.get_submodule(param_name.rsplit(".", 1)[0])
 
     @contextmanager
-    def applying(self, deltas: Mapping[str, Tensor]) -> Iterator[None]:
-        """Within the block every forward pass (``logits``, ``capture``) sees ``W + deltas`` (on top of what is
-        already applied); the module's parameters are never modified. Restores the previous state on exit."""
+    def applying(self, changes: Mapping[str, Change]) -> Iterator[None]:
+        """Within the block every forward pass (``logits``, ``capture``, greedy decoding) sees ``changes`` on top of
+        what is already applied: ``W + dW`` for weight deltas, adaptors composed with the applied ones (``+``); the
+        module's parameters are never modified. Restores the previous state on exit."""
         saved = dict(self.applied)
         try:
-            for n, d in deltas.items():
-                d = d.detach()
-                self.applied[n] = self.applied[n] + d if n in self.applied else d
+            detached = {n: c.detach() for n, c in changes.items()}
+            self.applied.clear()
+            self.applied.update(compose(saved, detached))
             yield
         finally:
             self.applied.clear()
             self.applied.update(saved)
 
-    def edited_params(self, deltas: Mapping[str, Tensor] | None = None,
+    def adaptors(self, changes: Mapping[str, Change] | None = None) -> dict[str, Adaptor]:
+        """The module adaptors of ``applied`` composed with those of ``changes``."""
+        return split(compose(self.applied, changes or {}))[1]
+
+    @contextmanager
+    def adapted(self, changes: Mapping[str, Change] | None = None) -> Iterator[None]:
+        """Within the block the module runs with the adaptors of ``applied`` and ``changes`` hooked in (what
+        :meth:`logits` does for one call; for callers that run the module themselves, like greedy decoding)."""
+        with hooked(self.model, self.adaptors(changes)):
+            yield
+
+    def edited_params(self, deltas: Mapping[str, Change] | None = None,
                       weights: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """The parameters to run the model with: ``W + dW`` for every weight in ``deltas`` and in ``applied``, where
-        ``W`` is ``weights[name]`` for the parameters ``weights`` names and the module's own otherwise, plus the
-        other ``weights``; empty when nothing differs from the module's own parameters."""
-        total = dict(self.applied)
-        for n, d in (deltas or {}).items():
-            total[n] = total[n] + d if n in total else d
+        """The parameters to run the model with: ``W + dW`` for every weight delta in ``deltas`` and in ``applied``
+        (adaptors are not parameters: see :meth:`adapted`), where ``W`` is ``weights[name]`` for the parameters
+        ``weights`` names and the module's own otherwise, plus the other ``weights``; empty when nothing differs
+        from the module's own parameters."""
+        total = split(compose(self.applied, deltas or {}))[0]
         if not total:
             return dict(weights or {})
         base = {**dict(self.model.named_parameters()), **(weights or {})}
         return {**(weights or {}), **{n: base[n] + d for n, d in total.items()}}
 
-    def logits(self, inputs: Mapping[str, Tensor], deltas: Mapping[str, Tensor] | None = None,
+    def logits(self, inputs: Mapping[str, Tensor], deltas: Mapping[str, Change] | None = None,
                weights: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Logits of the model on ``inputs`` with ``W + dW`` for every weight in ``deltas`` (and in ``applied``),
+        """Logits of the model on ``inputs`` with ``W + dW`` for every weight in ``deltas`` (and in ``applied``) and
+        their module adaptors hooked in,
         where ``W`` is ``weights[name]`` for the parameters ``weights`` names (another set of base weights, such as
         ENN's copy of the original ones) and the module's own parameter otherwise.
 
@@ -158,15 +171,16 @@ class EditableModel:
         are returned as (B, 1, C) so every kind is (B, T, V) and token labels align position by position.
         """
         params = self.edited_params(deltas, weights)
-        if params:
-            out = torch.func.functional_call(self.model, params, args=(), kwargs=dict(inputs), strict=False)
-        else:
-            out = self.model(**inputs)
+        with self.adapted(deltas):
+            if params:
+                out = torch.func.functional_call(self.model, params, args=(), kwargs=dict(inputs), strict=False)
+            else:
+                out = self.model(**inputs)
         logits = out.logits
         return logits.unsqueeze(1) if self.kind == "classifier" else logits
 
     def logits_at(self, inputs: Mapping[str, Tensor], rows: Tensor, cols: Tensor,
-                  deltas: Mapping[str, Tensor] | None = None) -> Tensor:
+                  deltas: Mapping[str, Change] | None = None) -> Tensor:
         """(N, V) logits at positions ``(rows[i], cols[i])`` only (causal models): the forward pass stops at the
         output head's input and the head runs on the N chosen positions, not on every position (equal to
         ``logits(inputs, deltas)[rows, cols]``; much cheaper with a large vocabulary). Keeps the autograd graph."""
@@ -222,7 +236,7 @@ class EditableModel:
 
     @torch.no_grad()
     def capture(self, inputs: Mapping[str, Tensor], modules: Sequence[str],
-                deltas: Mapping[str, Tensor] | None = None) -> dict[str, LayerIO]:
+                deltas: Mapping[str, Change] | None = None) -> dict[str, LayerIO]:
         """Inputs and outputs of the named modules for ``inputs`` (with ``deltas`` and ``applied``), without
         gradients; the forward pass stops after the deepest of them (the rest of the model is not run)."""
         order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
