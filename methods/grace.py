@@ -36,7 +36,6 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from bench import losses
 from bench.data.batches import EditBatch
 from bench.models import Adaptor, EditableModel
 from methods.base import Edit, Editor, Hparams
@@ -153,6 +152,17 @@ class Codebook(Adaptor):
         return Codebook(like.new_zeros(0, d_in), like.new_zeros(0, d_out), like.new_zeros(0), [], init_eps, expand)
 
 
+def _target_nll(model: EditableModel, batch: EditBatch) -> Tensor:
+    """``losses.nll`` of the batch (the mean over requests of each one's mean target-token NLL) with the output
+    head run at the target positions only (:meth:`EditableModel.logits_at`: the head is most of a small model's
+    compute)."""
+    rows, cols = (batch.labels != -100).nonzero(as_tuple=True)
+    lp = torch.log_softmax(model.logits_at(batch.inputs, rows, cols).float(), -1)
+    lp = lp.gather(-1, batch.labels[rows, cols][:, None])[:, 0]
+    per = torch.zeros(len(batch), dtype=lp.dtype, device=lp.device).index_add_(0, rows, lp)
+    return -(per / torch.bincount(rows, minlength=len(batch)).clamp(min=1)).mean()
+
+
 class GRACE(Editor):
     """A codebook adaptor at one MLP output projection; the weights are never changed."""
 
@@ -169,7 +179,13 @@ class GRACE(Editor):
 
     @property
     def module(self) -> str:
+        """The adapted module: the MLP output projection of :attr:`layer`."""
         return self.model.edit_params[0].rsplit(".", 1)[0]
+
+    @property
+    def layer(self) -> int:
+        """The block whose MLP carries the codebook."""
+        return next(i for i in range(self.model.n_layers) if self.model.mlp_out(i) == self.module)
 
     def edit(self, batch: EditBatch) -> Edit:
         m, hp, module = self.model, self.hparams, self.module
@@ -212,10 +228,11 @@ class GRACE(Editor):
             return out
 
         nll = torch.tensor(float("nan"))
-        for _ in range(self.hparams.n_iter):
-            opt.zero_grad()
-            with torch.enable_grad(), self.model.trace([self.module], edit_output=put):
-                nll = losses.nll(self.model.logits(batch.inputs), batch.labels)
-                nll.backward()
-            opt.step()
+        with self.model.upper_blocks_only(batch.inputs, self.layer):  # the blocks below never see the value
+            for _ in range(self.hparams.n_iter):
+                opt.zero_grad()
+                with torch.enable_grad(), self.model.trace([self.module], edit_output=put):
+                    nll = _target_nll(self.model, batch)
+                    nll.backward()
+                opt.step()
         return values.detach(), float(nll.detach())

@@ -157,3 +157,29 @@ def test_lifelong_editors_refuse_models_they_cannot_edit() -> None:
         GRACE(tiny("tiny-t5"))
     with pytest.raises(ValueError, match="alphaedit edits causal models; tiny-bert is classifier"):
         AlphaEdit(tiny("tiny-bert"))
+
+
+@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gpt2"])
+def test_running_the_upper_blocks_only_equals_the_whole_pass_for_changes_above(alias, cf) -> None:
+    """GRACE trains its values with the blocks below its layer replaced by their recorded outputs: the logits and
+    the value's gradient equal those of the whole forward pass, and the blocks compute again afterwards."""
+    m = tiny(alias)
+    batch = edit_batch(m, list(cf["test"][:2]))
+    module, layer = m.mlp_out(m.n_layers - 1), m.n_layers - 1
+    v = torch.randn(m.io_dims(f"{module}.weight")[1], requires_grad=True)
+
+    def put(name, out):
+        return out + v
+
+    def run():
+        with torch.enable_grad(), m.trace([module], edit_output=put):
+            logits = m.logits(batch.inputs)
+            (g,) = torch.autograd.grad(logits.logsumexp(-1).sum(), [v])
+        return logits.detach(), g
+
+    whole = run()
+    with m.upper_blocks_only(batch.inputs, layer):
+        upper = run()
+    assert torch.allclose(whole[0], upper[0], atol=1e-5) and torch.allclose(whole[1], upper[1], atol=1e-4)
+    other = edit_batch(m, list(cf["test"][2:4]))
+    assert not torch.allclose(m.logits(other.inputs)[0, 0], upper[0][0, 0])  # the lower blocks compute again

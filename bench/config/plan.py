@@ -113,6 +113,14 @@ def ship_data(sweep: Sweep, todo: list[dict[str, Any]]) -> tuple[dict[str, bytes
     return pack_files(files), out
 
 
+def _reached(checkpoints: list[int] | None, n: int) -> list[int] | None:
+    """The checkpoints a stream of ``n`` edits reaches (a dataset with a shorter stream than the sweep's longest
+    stops at its own end, which is always scored)."""
+    if checkpoints is None:
+        return None
+    return [c for c in checkpoints if c <= n] or [n]
+
+
 def plan(sweep: Sweep) -> list[dict[str, Any]]:
     """All grid points of the sweep, each a validated :class:`TrialSpec` as a JSON-able dict. Search-space
     hyper-parameters appear under ``tuned`` as TuneSpec dicts; :func:`trials` draws their values."""
@@ -141,9 +149,9 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
                     "seed": seed,
                     "edit_batch_size": bs,
                     "edit_mode": mode,
-                    "checkpoints": sweep.checkpoints,
+                    "checkpoints": _reached(sweep.checkpoints, sweep.edits_of(ds)),
                     "generation": sweep.generation,
-                    "n_edits": sweep.n_edits,
+                    "n_edits": sweep.edits_of(ds),
                     "data_root": sweep.data_root,
                     "device": sweep.device,
                     "retrain": sweep.retrain,
@@ -160,6 +168,7 @@ def config_digest(point: dict[str, Any], hparams: dict[str, Any]) -> str:
     the data root, the device or the store: the same trial elsewhere has the same digest (``--resume`` key).
     ``reuse_converged`` counts (when on): its trials may evaluate an editor trained longer than their budget."""
     ds = dict(point["dataset"])
+    ds.pop("n_edits", None)  # the trial's n_edits is in the blob below (datasets without it keep their digests)
     ds["paths"] = sorted(ds.get("paths") or {})  # which splits are replaced; their contents are in data_files
     # Where local files lie (embedded, a data root) is not the result's business: their contents are in
     # data_files. "local" is what every local source digested as before sources were named.

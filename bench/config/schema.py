@@ -75,6 +75,8 @@ class DatasetEntry(Strict):
     locality: str | None = Field(default=None, description="locality source named on the dataset card")
     n_train: PositiveInt | None = None
     n_val: PositiveInt | None = None
+    n_edits: PositiveInt | None = Field(default=None, description="this dataset's test edits (the length of its "
+                                        "sequential stream); default: the sweep's n_edits")
     paths: dict[str, str] = Field(default_factory=dict, description="split -> file replacing the card's")
     prepare: dict[str, float] | None = Field(default=None, description="override the card's base-model preparation")
     generate: GenerateEntry | None = Field(default=None, description="override the card's target generation")
@@ -206,11 +208,16 @@ class Sweep(Strict):
     def _path_printable(cls, v: str | None) -> str | None:
         return _printable(v)
 
+    def edits_of(self, ds: DatasetEntry) -> int:
+        """The test edits of one dataset: its own ``n_edits``, else the sweep's."""
+        return ds.n_edits or self.n_edits
+
     @model_validator(mode="after")
     def _batch_fits(self) -> "Sweep":
-        too_big = [b for b in self.edit_batch_size if b > self.n_edits]
+        shortest = min(self.edits_of(ds) for ds in self.datasets)
+        too_big = [b for b in self.edit_batch_size if b > shortest]
         if too_big:
-            raise ValueError(f"edit_batch_size {too_big[0]} is larger than n_edits ({self.n_edits}); "
+            raise ValueError(f"edit_batch_size {too_big[0]} is larger than n_edits ({shortest}); "
                              f"use a batch size <= n_edits")
         return self
 
@@ -221,10 +228,11 @@ class Sweep(Strict):
             return self
         if "sequential" not in self.edit_mode:
             raise ValueError("checkpoints score a sequential stream; add edit_mode: [sequential] or remove them")
-        past = [c for c in cps if c > self.n_edits]
+        longest = max(self.edits_of(ds) for ds in self.datasets)
+        past = [c for c in cps if c > longest]
         if past:
-            raise ValueError(f"checkpoints: {past[0]} is past the end of the stream (n_edits {self.n_edits}); "
-                             f"use checkpoints <= {self.n_edits}")
+            raise ValueError(f"checkpoints: {past[0]} is past the end of the stream (n_edits {longest}); "
+                             f"use checkpoints <= {longest}")
         dup = sorted({c for c in cps if cps.count(c) > 1})
         if dup:
             raise ValueError(f"checkpoints: {dup[0]} is given twice; give each edit count once")

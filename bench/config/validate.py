@@ -123,8 +123,8 @@ def validate(sweep: Sweep, source: str = "sweep") -> list[dict[str, Any]]:
                 for split, file, other, other_file, n in split_overlaps(task, ds.paths):
                     raise DataError(f"paths.{split} ({file}) shares {n} record(s) with the {other} split "
                                     f"({other_file}); a split must not contain another's edits")
-                if len(task["test"]) < sweep.n_edits:
-                    raise DataError(f"n_edits ({sweep.n_edits}) is more than the test split holds "
+                if len(task["test"]) < sweep.edits_of(ds):
+                    raise DataError(f"n_edits ({sweep.edits_of(ds)}) is more than the test split holds "
                                     f"({len(task['test'])} records from {task.files['test']}, seed {seed}); "
                                     f"use n_edits <= {len(task['test'])}")
         except DataError as e:

@@ -234,6 +234,42 @@ class EditableModel:
             for h in handles:
                 h.remove()
 
+    @contextmanager
+    def upper_blocks_only(self, inputs: Mapping[str, Tensor], layer: int) -> Iterator[None]:
+        """Within the block, forward passes on exactly ``inputs`` run the blocks from ``layer`` up only: each block
+        below returns the output it gave on ``inputs`` in one pass run here first (with ``applied``), without
+        computing. Exact for any change at or above ``layer`` (what an editor that optimises a vector at one block
+        repeats many times: GRACE's values); wrong for other inputs, which the caller must not pass. Decoder-only
+        families."""
+        if layer <= 0:
+            yield
+            return
+        lower = [self.model.get_submodule(self.block(i)) for i in range(layer)]
+        outs: dict[int, object] = {}
+
+        def keep(i: int) -> Callable:
+            def fn(mod: nn.Module, inp: tuple, out: object) -> None:
+                outs[i] = out
+            return fn
+
+        handles = [mod.register_forward_hook(keep(i)) for i, mod in enumerate(lower)]
+        try:
+            with torch.no_grad(), self.trace([self.block(layer - 1)], stop_after=self.block(layer - 1)):
+                try:
+                    self.logits(inputs)
+                except StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        try:
+            for i, mod in enumerate(lower):
+                mod.forward = (lambda o: lambda *a, **k: o)(outs[i])  # type: ignore[method-assign]
+            yield
+        finally:
+            for mod in lower:
+                mod.__dict__.pop("forward", None)
+
     @torch.no_grad()
     def capture(self, inputs: Mapping[str, Tensor], modules: Sequence[str],
                 deltas: Mapping[str, Change] | None = None) -> dict[str, LayerIO]:
