@@ -114,7 +114,7 @@ def greedy_ids(model: EditableModel, prompt_ids: Sequence[Sequence[int]], max_ne
         ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
         mask[i, width - len(p):] = 1
     stop = StoppingCriteriaList([_StopAtText(tok, width, stop_strings, caps)])
-    with _reparametrize_module(model.model, model.edited_params(deltas)), model.adapted(deltas):
+    with _reparametrize_module(model.model, model.edited_params(deltas)), model.adapted(deltas, mask):
         out = model.model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                    max_new_tokens=max(caps), do_sample=False, num_beams=1, pad_token_id=pad,
                                    eos_token_id=tok.eos_token_id, stopping_criteria=stop)

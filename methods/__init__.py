@@ -16,6 +16,7 @@ from methods.ke import KE
 from methods.memit import MEMIT
 from methods.mend import MEND
 from methods.rome import ROME
+from methods.wise import WISE
 
 REGISTRY: dict[str, type[Editor]] = {
     FT.name: FT,
@@ -28,6 +29,7 @@ REGISTRY: dict[str, type[Editor]] = {
     FTL.name: FTL,
     GRACE.name: GRACE,
     AlphaEdit.name: AlphaEdit,
+    WISE.name: WISE,
 }
 
 

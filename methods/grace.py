@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from pydantic import Field
@@ -78,7 +78,7 @@ class Codebook(Adaptor):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def forward(self, inputs: Tensor, output: Tensor) -> Tensor:
+    def forward(self, inputs: Tensor, output: Tensor, call: dict[str, Any]) -> Tensor:
         """Each position within the radius of its nearest key gets that key's value; the others are unchanged."""
         if not len(self):
             return output

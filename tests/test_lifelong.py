@@ -18,6 +18,8 @@ from methods.alphaedit import AlphaEdit, null_space_projection
 from methods.base import Edit, weights_digest
 from methods.ft import FT
 from methods.grace import GRACE, Codebook, default_layer
+from methods.wise import WISE
+from methods.wise_memory import SideMemory, ties_merge
 
 LOCATE_SMALL = {"mom2_n_tokens": 4000, "v_num_grad_steps": 6, "context_lengths": [[6, 2]], "layers": [1, 2]}
 OTHER = ["The weather today is", "My favourite food is", "Paris is a city in"]
@@ -77,7 +79,7 @@ def test_a_codebook_joins_entries_by_grace_rules_without_touching_its_operands()
     assert len(base) == 1 and base.values.tolist() == [[1.0]]  # operands are never modified
     # forward: positions within the radius of their nearest key take its value, the others keep their output
     inputs = torch.tensor([[[0.2, 0.0], [3.0, 0.0], [1.4, 0.0]]])
-    out = clash.forward(inputs, torch.full((1, 3, 1), -1.0))
+    out = clash.forward(inputs, torch.full((1, 3, 1), -1.0), {})
     assert out.flatten().tolist() == [1.0, -1.0, 3.0]
     with pytest.raises(TypeError, match="composes with another codebook"):
         base + Adaptor()
@@ -183,3 +185,64 @@ def test_running_the_upper_blocks_only_equals_the_whole_pass_for_changes_above(a
     assert torch.allclose(whole[0], upper[0], atol=1e-5) and torch.allclose(whole[1], upper[1], atol=1e-4)
     other = edit_batch(m, list(cf["test"][2:4]))
     assert not torch.allclose(m.logits(other.inputs)[0, 0], upper[0][0, 0])  # the lower blocks compute again
+
+
+def test_ties_merge_keeps_the_largest_entries_and_averages_those_agreeing_with_the_elected_sign() -> None:
+    a, b = torch.tensor([4.0, -2.0, 3.0, 0.5]), torch.tensor([2.0, 1.0, -1.0, 0.4])
+    assert ties_merge([a, b], 1.0).tolist() == pytest.approx([3.0, -2.0, 3.0, 0.45])  # sum -0.5 elects "-" for #2
+    # density 0.5: each keeps its two largest magnitudes (a: 4, 3; b: 2, 1)
+    assert ties_merge([a, b], 0.5).tolist() == pytest.approx([3.0, 1.0, 3.0, 0.0])
+
+
+def _memory(shard, act, settings=None) -> SideMemory:
+    s = {"conv1d": False, "act": "relu", "act_ratio": 0.5, "save_freq": 2, "merge_freq": 4, "density": 1.0}
+    return SideMemory(torch.tensor(shard, dtype=torch.float), act, [], [], 1, {**s, **(settings or {})})
+
+
+def test_a_side_memory_saves_its_shard_every_save_freq_edits_and_merges_them_every_merge_freq() -> None:
+    one = _memory([[1.0, 0.0]], 4.0)
+    two = one + _memory([[0.0, 2.0]], 3.0)  # the second edit fills the shard: saved, a fresh one starts
+    assert two.count == 2 and two.memories[0].tolist() == [[1.0, 2.0]] and two.memory_acts == [3.0]
+    assert two.shard.abs().sum() == 0 and two.shard_act == float("inf")
+    four = two + _memory([[-1.0, 0.0]], 5.0) + _memory([[0.0, 4.0]], 6.0)
+    assert four.count == 4 and len(four.memories) == 1  # two saved shards merged into one (TIES)
+    assert four.memories[0].tolist() == [[1.0, 3.0]] and four.memory_acts == [3.0]
+    assert len(one.memories) == 0 and one.shard.tolist() == [[1.0, 0.0]]  # operands untouched
+    with pytest.raises(TypeError, match="one edit's side memory at a time"):
+        one + two
+
+
+def test_the_router_sends_a_sequence_to_the_side_memory_only_when_its_activations_move_enough() -> None:
+    """relu(W x) against relu(W x + dW x): the first row moves by 3 (>= 0.5 * 4), the second by 1 (< 2), so only
+    the first takes the side output; a decoding step (one new token) keeps the routing of its sequence."""
+    mem = _memory([[1.0, 0.0]], 4.0)
+    x = torch.tensor([[[3.0, 0.0]], [[1.0, 0.0]]])
+    out = torch.zeros(2, 1, 1)
+    call: dict = {"attention_mask": torch.ones(2, 1)}
+    got = mem.forward(x, out, call)
+    assert got.flatten().tolist() == [3.0, 0.0] and call["route"].tolist() == [0, -1]
+    step = mem.forward(torch.tensor([[[0.0, 0.0]], [[9.0, 0.0]]]), out, call)  # kept: row 2 stays original
+    assert step.flatten().tolist() == [0.0, 0.0]
+
+
+def test_wise_edits_a_masked_shard_of_a_side_copy_within_its_norm_constraint_and_trains_out_of_scope_on_train(
+        cf, tmp_path) -> None:
+    m = tiny("tiny-llama")
+    before = weights_digest(m)
+    ed = WISE(m, {"n_iter": 8, "template_lengths": [3]})
+    with pytest.raises(RuntimeError, match="wise needs training records .* call fit"):
+        ed.edit(edit_batch(m, [cf["test"][0]]))
+    ed.fit(list(cf["train"]), [])
+    rec = cf["test"][0]
+    rows, n_in = ed._rows(edit_batch(m, [rec]))
+    assert n_in == len(ed.templates()) == 6 and len(rows) == n_in + 1
+    assert rows.records[-1] in list(cf["train"]) and rows.records[-1].loc_prompt != rec.loc_prompt
+    edit = ed.edit(edit_batch(m, [rec]))
+    (module, mem), = edit.adaptors.items()
+    assert edit.deltas == {} and weights_digest(m) == before and mem.count == 1 and mem.shard_act > 0
+    mask = ed._mask(0, mem.shard).bool()
+    assert mem.shard.abs().max() <= ed.hparams.norm_constraint
+    assert mem.shard[~mask].abs().max() < 1e-3 < mem.shard[mask].abs().max()  # outside the mask: weight decay only
+    back = Edit.load(edit.save(tmp_path / "wise.safetensors"))
+    for text in [rec.prompt + " " + rec.target, OTHER[0]]:
+        assert torch.equal(_logits(m, text, back.changes), _logits(m, text, edit.changes))

@@ -91,7 +91,7 @@ def test_fit_step_prepares_what_edits_read_and_trains_nothing(cf, monkeypatch) -
 
     assert {n for n, c in REGISTRY.items() if c.learned} == {"mend", "enn", "ke"}
     assert {n for n, c in REGISTRY.items() if c.has_fit_step} == {"mend", "enn", "ke", "rome", "memit", "alphaedit",
-                                                                  "ft_kl"}
+                                                                  "ft_kl", "wise"}
     m = tiny("tiny-llama")
     ed = MEMIT(m, {**SMALL, "layers": [1, 2]})
     fit = ed.fit([], [])

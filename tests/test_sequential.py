@@ -169,3 +169,9 @@ def test_sequential_trial_logs_retention_history_and_report_table(tmp_path) -> N
     assert rep.tables["results"][1][0][1].strip("*").endswith("(n=4)")  # Table 3: the independent run only
     assert "Sequential edits?" in rep.tables["table1"][0]
     assert (tmp_path / "rep" / "retention.png").exists()
+    header, rows = rep.tables["lifelong"]  # every checkpoint, with the size of the accumulated change
+    assert [(r[1], r[2]) for r in rows] == [("ft", "1"), ("ft", "2"), ("ft", "4")]
+    norms = {h.step: h.value for h in client(uri).get_metric_history(seq["run_id"][0], "retention_delta_norm")}
+    assert 0 < norms[1] < norms[4]
+    assert [r[header.index("||dW||")] for r in rows] == [format(norms[k], ".3g") for k in (1, 2, 4)]
+    assert rows[-1][header.index("ES (x'_e)")] == f"{seq['retention_es'][0]:.3f}"

@@ -36,8 +36,11 @@ class Adaptor:
         if cls.kind:
             ADAPTOR_KINDS[cls.kind] = cls
 
-    def forward(self, inputs: Tensor, output: Tensor) -> Tensor:
-        """The module's new output given its first input and its original output (both (B, T, d))."""
+    def forward(self, inputs: Tensor, output: Tensor, call: dict[str, Any]) -> Tensor:
+        """The module's new output given its first input and its original output (both (B, T, d)). ``call`` is one
+        scratch dict per hooked call (a forward pass, or a whole KV-cached decoding): ``attention_mask`` (B, T) of
+        the first pass when the caller knows it; an adaptor may keep what it decided on the first pass there for
+        the decoding steps after it (WISE's routing)."""
         raise NotImplementedError
 
     def __add__(self, later: "Adaptor") -> "Adaptor":
@@ -107,16 +110,20 @@ def load_adaptor(kind: str, tensors: Mapping[str, Tensor], meta: Mapping[str, st
 
 
 @contextmanager
-def hooked(model: nn.Module, adaptors: Mapping[str, Adaptor]) -> Iterator[None]:
+def hooked(model: nn.Module, adaptors: Mapping[str, Adaptor], attention_mask: Tensor | None = None
+           ) -> Iterator[None]:
     """Within the block, each named module's output is rewritten by its adaptor (forward hooks put before any
-    other hook of the module, so what a trace records is the adapted output); hooks removed on exit."""
+    other hook of the module, so what a trace records is the adapted output); hooks removed on exit. Each adaptor
+    gets one ``call`` dict for the block (see :meth:`Adaptor.forward`), holding ``attention_mask``."""
     handles = []
 
     def hook(adaptor: Adaptor) -> Any:
+        call: dict[str, Any] = {"attention_mask": attention_mask}
+
         def fn(mod: nn.Module, inp: tuple, out: Any) -> Any:
             if isinstance(out, tuple):
-                return (adaptor.forward(inp[0], out[0]), *out[1:])
-            return adaptor.forward(inp[0], out)
+                return (adaptor.forward(inp[0], out[0], call), *out[1:])
+            return adaptor.forward(inp[0], out, call)
 
         return fn
 

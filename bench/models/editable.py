@@ -142,10 +142,12 @@ class EditableModel:
         return split(compose(self.applied, changes or {}))[1]
 
     @contextmanager
-    def adapted(self, changes: Mapping[str, Change] | None = None) -> Iterator[None]:
+    def adapted(self, changes: Mapping[str, Change] | None = None, attention_mask: Tensor | None = None
+                ) -> Iterator[None]:
         """Within the block the module runs with the adaptors of ``applied`` and ``changes`` hooked in (what
-        :meth:`logits` does for one call; for callers that run the module themselves, like greedy decoding)."""
-        with hooked(self.model, self.adaptors(changes)):
+        :meth:`logits` does for one call; for callers that run the module themselves, like greedy decoding, which
+        pass the prompts' ``attention_mask``)."""
+        with hooked(self.model, self.adaptors(changes), attention_mask):
             yield
 
     def edited_params(self, deltas: Mapping[str, Change] | None = None,
@@ -171,7 +173,7 @@ class EditableModel:
         are returned as (B, 1, C) so every kind is (B, T, V) and token labels align position by position.
         """
         params = self.edited_params(deltas, weights)
-        with self.adapted(deltas):
+        with self.adapted(deltas, inputs.get("attention_mask")):
             if params:
                 out = torch.func.functional_call(self.model, params, args=(), kwargs=dict(inputs), strict=False)
             else:

@@ -13,7 +13,8 @@ Writes, from the FINISHED trial runs of the experiment (read with MLflow's searc
    Table 5 style: ES and drawdown against edit batch size per editor.
 4. Cost table: training wall time and peak memory, edit latency and peak memory, optimiser steps per edit.
 5. Retention (sequential runs): ES on ALL edits made so far after k sequential edits, per editor, at every
-   checkpoint, with locality agreement against the original model at the last one.
+   checkpoint, with locality agreement against the original model at the last one; and every checkpoint's scores
+   (both protocols) with the norm of the accumulated weight change and the adaptor entries (lifelong table).
 6. Plots: ES vs drawdown per task, ES vs batch size, memory per editor, retention vs number of edits (PNG;
    embedded in the HTML).
 Tables 3-5 and the cost table use the independent-mode runs; Table 1 uses both (its "Sequential edits?").
@@ -32,10 +33,10 @@ from bench import cli
 from bench.report.plots import PLOT_TITLES, editor_colours, make_plots, plot_retention, plot_training
 from bench.report.properties import table_properties
 from bench.report.render import TITLES, to_html, to_latex, to_markdown
-from bench.report.runs import (Report, ReportError, load_runs, retention_curves, trained_runs, tuning_runs,
-                               unedited_es, validation_curves)
-from bench.report.tables import (table_batch, table_cost, table_protocols, table_results, table_retention,
-                                 table_rome, table_training, table_tuning)
+from bench.report.runs import (Report, ReportError, checkpoint_metrics, load_runs, retention_curves, trained_runs,
+                               tuning_runs, unedited_es, validation_curves)
+from bench.report.tables import (table_batch, table_cost, table_lifelong, table_protocols, table_results,
+                                 table_retention, table_rome, table_training, table_tuning)
 from bench.store import NOTE_TAG
 from bench.tracking import (GIT_COMMIT_TAG, TrackingError, check_tracking_uri, client, default_tracking_uri,
                             trial_run)
@@ -53,9 +54,11 @@ def build(uri: str, experiment: str, out: Path, formats: list[str]) -> Report:
     if not ind.is_empty():
         tables += [("results", table_results, ind), ("protocols", table_protocols, ind), ("rome", table_rome, ind),
                    ("batch", table_batch, ind), ("cost", table_cost, ind)]
-    curves = retention_curves(uri, df)
+    marks = checkpoint_metrics(uri, df)
+    curves = retention_curves(uri, df, marks)
     if curves:
         tables.append(("retention", lambda c: table_retention(c, unedited_es(df)), curves))
+        tables.append(("lifelong", table_lifelong, marks))
     trained = trained_runs(df)
     if trained:
         tables.append(("training", table_training, trained))

@@ -17,6 +17,7 @@ TITLES = {
     "batch": "Table 5 style: batched edits",
     "cost": "Cost",
     "retention": "Sequential editing: retention",
+    "lifelong": "Sequential editing: every checkpoint, with the size of the accumulated change",
     "tuning": "Tuning: every sample of each search space",
     "training": "Training of the learned editors: convergence",
 }

@@ -218,24 +218,40 @@ def gain(runs: list[dict]) -> str:
     return pm(*pooled(runs, "es_gain")[:2])
 
 
-def retention_curves(uri: str, df: Any) -> dict[tuple[str, str, str], list[tuple[int, float, float, float]]]:
-    """(method, dataset, model) -> [(edits so far, retention ES, retention locality agreement, retention of the
-    free answers on x'_e (NaN without the generation protocol))] from the metric history of the sequential runs
-    (averaged over runs of one key at equal edit counts)."""
+#: The metrics a sequential run logs at every checkpoint (metric history, step = edits so far).
+CHECKPOINT_METRICS = ("retention_es", "retention_edit_acc", "retention_loc_agree", "retention_gen_rephrase_em",
+                      "retention_gen_edit_em", "retention_gen_loc_agree", "retention_delta_norm",
+                      "retention_delta_rel", "retention_adaptor_entries")
+
+
+def checkpoint_metrics(uri: str, df: Any) -> dict[tuple[str, str, str], dict[int, dict[str, float]]]:
+    """(method, dataset, model) -> edits so far -> every :data:`CHECKPOINT_METRICS` the sequential runs logged at
+    that checkpoint (averaged over the runs of one key; a metric a run did not log is left out)."""
     c = client(uri)
-    acc: dict[tuple[str, str, str], dict[int, list[tuple[float, float, float]]]] = {}
+    acc: dict[tuple[str, str, str], dict[int, dict[str, list[float]]]] = {}
     for r in df.to_dicts():
         if r["mode"] != "sequential":
             continue
-        hist = {name: {h.step: h.value for h in c.get_metric_history(r["run_id"], name)}
-                for name in ("retention_es", "retention_loc_agree", "retention_gen_rephrase_em")}
-        for k, v in hist["retention_es"].items():
-            if k > 0:
-                acc.setdefault((r["method"], r["dataset"], r["model"]), {}).setdefault(k, []).append(
-                    (v, hist["retention_loc_agree"].get(k, float("nan")),
-                     hist["retention_gen_rephrase_em"].get(k, float("nan"))))
-    return {key: [(k, *(sum(x[i] for x in v) / len(v) for i in range(3))) for k, v in sorted(pts.items())]
+        key = (r["method"], r["dataset"], r["model"])
+        for name in CHECKPOINT_METRICS:
+            for h in c.get_metric_history(r["run_id"], name):
+                if h.step > 0:
+                    acc.setdefault(key, {}).setdefault(h.step, {}).setdefault(name, []).append(h.value)
+    return {key: {k: {n: sum(v) / len(v) for n, v in by.items()} for k, by in sorted(pts.items())}
             for key, pts in acc.items()}
+
+
+def retention_curves(uri: str, df: Any, marks: dict | None = None
+                     ) -> dict[tuple[str, str, str], list[tuple[int, float, float, float]]]:
+    """(method, dataset, model) -> [(edits so far, retention ES, retention locality agreement, retention of the
+    free answers on x'_e (NaN without the generation protocol))] from the metric history of the sequential runs
+    (averaged over runs of one key at equal edit counts); ``marks``: :func:`checkpoint_metrics` when the caller has
+    them."""
+    marks = checkpoint_metrics(uri, df) if marks is None else marks
+    nan = float("nan")
+    return {key: [(k, v["retention_es"], v.get("retention_loc_agree", nan), v.get("retention_gen_rephrase_em", nan))
+                  for k, v in pts.items() if "retention_es" in v]
+            for key, pts in marks.items()}
 
 
 def unedited_es(df: Any) -> dict[tuple[str, str, str], float]:

@@ -210,6 +210,35 @@ def table_retention(curves: dict[tuple[str, str, str], list[tuple[int, float, fl
                           "the same edits (generation protocol), beside ES, never pooled with it.")
 
 
+#: The lifelong table's columns: (header, checkpoint metric, format).
+LIFELONG_COLUMNS = (("ES (x'_e)", "retention_es", ".3f"), ("edit acc (x_e)", "retention_edit_acc", ".3f"),
+                    ("loc agree", "retention_loc_agree", ".3f"), ("free EM (x'_e)", "retention_gen_rephrase_em", ".3f"),
+                    ("free EM (x_e)", "retention_gen_edit_em", ".3f"),
+                    ("free loc agree", "retention_gen_loc_agree", ".3f"), ("||dW||", "retention_delta_norm", ".3g"),
+                    ("||dW|| / ||W||", "retention_delta_rel", ".3g"), ("adaptor entries", "retention_adaptor_entries",
+                                                                         ".0f"))
+
+
+def table_lifelong(marks: Mapping[tuple[str, str, str], Mapping[int, Mapping[str, float]]]
+                   ) -> tuple[list[str], list[list[str]], str]:
+    """Sequential streams checkpoint by checkpoint: one row per (editor, task, edits so far) with every score on
+    all edits so far and the size of the accumulated change."""
+    header = ["dataset / model", "editor", "edits"] + [h for h, _, _ in LIFELONG_COLUMNS]
+    rows = []
+    for (m, ds, model), pts in sorted(marks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        for k, v in pts.items():
+            cells = ["-" if math.isnan(v.get(n, math.nan)) else format(v[n], f) for _, n, f in LIFELONG_COLUMNS]
+            rows.append([f"{ds} / {model}", m, str(k)] + cells)
+    return header, rows, ("Sequential streams at every checkpoint, on ALL edits made so far: ES and edit accuracy "
+                          "(teacher-forced; edit accuracy on x_e is the lifelong papers' reliability, ES on x'_e "
+                          "their generalisation), locality agreement with the ORIGINAL model, the same under the "
+                          "generation protocol (free answers; '-' where the sweep turned it off), and the size of the "
+                          "accumulated change: the Frobenius norm of all weight deltas (a side memory counts as its "
+                          "distance from the weights it copies; GRACE's codebook changes no weight), relative to the "
+                          "norm of the original weights changed, and the entries of module adaptors (GRACE: codebook "
+                          "entries; WISE: side-memory shards).")
+
+
 def table_training(runs: list[dict]) -> tuple[list[str], list[list[str]], str]:
     """One row per training of a learned editor: why the fit stopped (‡ when it kept its untrained state), its
     steps, the step of its chosen checkpoint and the selection that chose it, that checkpoint's validation ES and
