@@ -37,9 +37,9 @@ from pydantic import Field
 from torch import Tensor
 
 from bench.data.batches import EditBatch
-from bench.models import Adaptor, EditableModel
-from methods.base import Edit, Editor, Hparams
-from methods.locate import require_causal
+from bench.models import Adaptor
+from methods.adapted import AdaptorEditor, target_nll
+from methods.base import Edit, Hparams
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,6 @@ class GRACEHparams(Hparams):
     eps_expand: Literal["coverage", "moving_average"] = "coverage"
     val_init: Literal["cold", "warm"] = "cold"
     seed: int = 0
-
-
-def default_layer(model: EditableModel) -> int:
-    """EasyEdit's LLaMA-2-7B depth (block 27 of 32) on this model."""
-    return min(model.n_layers - 1, int(round(27 / 32 * model.n_layers)))
 
 
 class Codebook(Adaptor):
@@ -152,40 +147,12 @@ class Codebook(Adaptor):
         return Codebook(like.new_zeros(0, d_in), like.new_zeros(0, d_out), like.new_zeros(0), [], init_eps, expand)
 
 
-def _target_nll(model: EditableModel, batch: EditBatch) -> Tensor:
-    """``losses.nll`` of the batch (the mean over requests of each one's mean target-token NLL) with the output
-    head run at the target positions only (:meth:`EditableModel.logits_at`: the head is most of a small model's
-    compute)."""
-    rows, cols = (batch.labels != -100).nonzero(as_tuple=True)
-    lp = torch.log_softmax(model.logits_at(batch.inputs, rows, cols).float(), -1)
-    lp = lp.gather(-1, batch.labels[rows, cols][:, None])[:, 0]
-    per = torch.zeros(len(batch), dtype=lp.dtype, device=lp.device).index_add_(0, rows, lp)
-    return -(per / torch.bincount(rows, minlength=len(batch)).clamp(min=1)).mean()
-
-
-class GRACE(Editor):
+class GRACE(AdaptorEditor):
     """A codebook adaptor at one MLP output projection; the weights are never changed."""
 
     name = "grace"
     Hparams = GRACEHparams
     hparams: GRACEHparams
-    supported_kinds = ("causal",)
-
-    @classmethod
-    def select_weights(cls, model: EditableModel, hparams: Hparams) -> list[str]:
-        require_causal(model, cls.name)
-        layer = getattr(hparams, "layer", None)
-        return [f"{model.mlp_out(default_layer(model) if layer is None else layer)}.weight"]
-
-    @property
-    def module(self) -> str:
-        """The adapted module: the MLP output projection of :attr:`layer`."""
-        return self.model.edit_params[0].rsplit(".", 1)[0]
-
-    @property
-    def layer(self) -> int:
-        """The block whose MLP carries the codebook."""
-        return next(i for i in range(self.model.n_layers) if self.model.mlp_out(i) == self.module)
 
     def edit(self, batch: EditBatch) -> Edit:
         m, hp, module = self.model, self.hparams, self.module
@@ -232,7 +199,7 @@ class GRACE(Editor):
             for _ in range(self.hparams.n_iter):
                 opt.zero_grad()
                 with torch.enable_grad(), self.model.trace([self.module], edit_output=put):
-                    nll = _target_nll(self.model, batch)
+                    nll = target_nll(self.model, batch.inputs, batch.labels)
                     nll.backward()
                 opt.step()
         return values.detach(), float(nll.detach())

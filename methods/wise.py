@@ -47,9 +47,8 @@ from bench.data.kinds import kind_of
 from bench.data.records import EditRecord
 from bench.generation import greedy
 from bench.models import EditableModel
-from methods.base import Budget, Edit, Editor, FitResult, Hparams, StepLogger
-from methods.grace import default_layer
-from methods.locate import require_causal
+from methods.adapted import AdaptorEditor, target_nll
+from methods.base import Budget, Edit, FitResult, Hparams, StepLogger
 from methods.wise_memory import SideMemory, activation_distance, side_output
 
 
@@ -81,13 +80,12 @@ class WISEHparams(Hparams):
         return self
 
 
-class WISE(Editor):
+class WISE(AdaptorEditor):
     """A routed side memory at one MLP output projection; the model's weights are never changed."""
 
     name = "wise"
     Hparams = WISEHparams
     hparams: WISEHparams
-    supported_kinds = ("causal",)
     has_fit_step = True  # fit keeps the training records (out-of-scope rows) and writes the context templates
     uses_training_data_at_edit_time = True
 
@@ -95,16 +93,6 @@ class WISE(Editor):
         super().__init__(model, hparams, data_root)
         self.pool: list[EditRecord] = []
         self._templates: list[str] | None = None
-
-    @classmethod
-    def select_weights(cls, model: EditableModel, hparams: Hparams) -> list[str]:
-        require_causal(model, cls.name)
-        layer = getattr(hparams, "layer", None)
-        return [f"{model.mlp_out(default_layer(model) if layer is None else layer)}.weight"]
-
-    @property
-    def module(self) -> str:
-        return self.model.edit_params[0].rsplit(".", 1)[0]
 
     def fit(self, train: Sequence[EditRecord], val: Sequence[EditRecord], budget: Budget | None = None,
             log_fn: StepLogger | None = None, state_dir: str | Path | None = None) -> FitResult:
@@ -156,9 +144,8 @@ class WISE(Editor):
         count = state.count if isinstance(state, SideMemory) else 0
         current = state.shard if isinstance(state, SideMemory) else torch.zeros_like(w0)
         rows, n_in = self._rows(batch)
-        layer = next(i for i in range(m.n_layers) if m.mlp_out(i) == module)
         mask = self._mask(count // hp.save_freq, w0)
-        with _without(m, module), m.upper_blocks_only(rows.inputs, layer):
+        with _without(m, module), m.upper_blocks_only(rows.inputs, self.layer):
             delta, act, steps, loss = self._train(rows, n_in, w0, current.clone(), mask)
         settings = {"conv1d": m.conv1d, "act": _act_name(m), "act_ratio": hp.act_ratio, "save_freq": hp.save_freq,
                     "merge_freq": hp.merge_freq, "density": hp.density}
@@ -177,19 +164,13 @@ class WISE(Editor):
             seen["orig"], seen["new"] = out, out + side_output(inp[0], delta, m.conv1d)
             return seen["new"]
 
-        targets = rows.labels != -100
-        targets[n_in:] = False
-        r, c = targets.nonzero(as_tuple=True)
         losses: list[float] = []
         act = float("nan")
         handle = m.model.get_submodule(self.module).register_forward_hook(side)
         try:
             for _ in range(hp.n_iter):
                 with torch.enable_grad():
-                    lp = torch.log_softmax(m.logits_at(rows.inputs, r, c).float(), -1)
-                    lp = lp.gather(-1, rows.labels[r, c][:, None])[:, 0]
-                    per = torch.zeros(n_in, dtype=lp.dtype, device=lp.device).index_add_(0, r, lp)
-                    nll = -(per / torch.bincount(r, minlength=n_in).clamp(min=1)).mean()
+                    nll = target_nll(m, rows.inputs, rows.labels, n_in)
                     dist = activation_distance(_act_name(m), seen["orig"], seen["new"], rows.inputs["attention_mask"])
                     loss = nll + _margins(dist[:n_in], dist[n_in:], hp)
                 act = float(dist[:n_in].detach().mean())

@@ -33,6 +33,9 @@ HP = {
     "ft_l": {"lr": 1e-2, "max_steps": 3, "early_stop": False},
     "rome": {"mom2_n_tokens": 2000, "v_num_grad_steps": 4, "context_lengths": [[6, 2]]},
     "memit": {"mom2_n_tokens": 2000, "v_num_grad_steps": 4, "context_lengths": [[6, 2]], "layers": [0, 1]},
+    "alphaedit": {"mom2_n_tokens": 2000, "v_num_grad_steps": 4, "context_lengths": [[6, 2]], "layers": [0, 1]},
+    "grace": {"n_iter": 5},
+    "wise": {"n_iter": 5, "template_lengths": [3]},
 }
 
 
@@ -68,17 +71,19 @@ def test_every_editor_edits_on_cuda_as_on_cpu(method: str, zsre) -> None:
     for m in (cpu, gpu):
         torch.manual_seed(0)  # learned editors initialise on CPU, then move: same start on both devices
         ed = REGISTRY[method](m, HP.get(method, {}))
-        if method == "ft_kl":  # its locality pool; nothing is trained
+        if method in ("ft_kl", "wise"):  # their pools of training records; nothing is trained
             ed.fit(zsre["train"][:8], zsre["val"][:2])
         editors.append(ed)
     recs = zsre["test"][:2]
     e_cpu, e_gpu = (ed.edit(edit_batch(m, recs)) for ed, m in zip(editors, (cpu, gpu)))
-    assert set(e_cpu.deltas) == set(e_gpu.deltas) == set(editors[0].model.edit_params)  # the weights it chose
+    assert set(e_cpu.changes) == set(e_gpu.changes)
+    chosen = editors[0].model.edit_params  # the weights it chose, or the modules that own them (adaptors)
+    assert set(e_cpu.changes) in (set(chosen), {n.rsplit(".", 1)[0] for n in chosen})
     for n in e_cpu.deltas:
         assert e_gpu.deltas[n].device.type == DEV
         assert _rel(e_gpu.deltas[n], e_cpu.deltas[n]) < 1e-3, (method, n)
-    lc = cpu.logits(edit_batch(cpu, recs).inputs, e_cpu.deltas)
-    lg = gpu.logits(edit_batch(gpu, recs).inputs, e_gpu.deltas)
+    lc = cpu.logits(edit_batch(cpu, recs).inputs, e_cpu.changes)
+    lg = gpu.logits(edit_batch(gpu, recs).inputs, e_gpu.changes)
     assert _rel(lg, lc) < 1e-3
 
 

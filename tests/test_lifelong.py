@@ -17,7 +17,8 @@ from bench.models import Adaptor, load_adaptor
 from methods.alphaedit import AlphaEdit, null_space_projection
 from methods.base import Edit, weights_digest
 from methods.ft import FT
-from methods.grace import GRACE, Codebook, default_layer
+from methods.adapted import default_layer
+from methods.grace import GRACE, Codebook
 from methods.wise import WISE
 from methods.wise_memory import SideMemory, ties_merge
 
