@@ -146,6 +146,7 @@ def test_checkpoint_schedule() -> None:
 
 def test_sequential_trial_logs_retention_history_and_report_table(tmp_path) -> None:
     from bench.report import build
+    from bench.report.build import results_block
 
     uri = f"sqlite:///{tmp_path / 'runs.db'}"
     sweep = Sweep(name="s", n_edits=4, edit_mode=["independent", "sequential"], checkpoints=[1, 2],
@@ -175,3 +176,7 @@ def test_sequential_trial_logs_retention_history_and_report_table(tmp_path) -> N
     assert 0 < norms[1] < norms[4]
     assert [r[header.index("||dW||")] for r in rows] == [format(norms[k], ".3g") for k in (1, 2, 4)]
     assert rows[-1][header.index("ES (x'_e)")] == f"{seq['retention_es'][0]:.3f}"
+    prepare_experiment(uri, "streams")  # an experiment of streams only: its results block is the lifelong table
+    run_trial(todo[1], uri, "streams")
+    block = results_block(uri, "streams")
+    assert block.startswith("| dataset / model | editor | edits | ES (x'_e)") and "| ft | 4 |" in block

@@ -164,10 +164,10 @@ class EditableModel:
 
     def logits(self, inputs: Mapping[str, Tensor], deltas: Mapping[str, Change] | None = None,
                weights: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Logits of the model on ``inputs`` with ``W + dW`` for every weight in ``deltas`` (and in ``applied``) and
-        their module adaptors hooked in,
+        """Logits of the model on ``inputs`` with ``W + dW`` for every weight in ``deltas`` (and in ``applied``),
         where ``W`` is ``weights[name]`` for the parameters ``weights`` names (another set of base weights, such as
-        ENN's copy of the original ones) and the module's own parameter otherwise.
+        ENN's copy of the original ones) and the module's own parameter otherwise, and the module adaptors of
+        ``deltas`` and ``applied`` hooked in (their ``attention_mask``: the inputs').
 
         Uses ``torch.func.functional_call``; the module's own parameters are not touched. Classifier logits
         are returned as (B, 1, C) so every kind is (B, T, V) and token labels align position by position.

@@ -123,14 +123,19 @@ def default_out(experiment: str) -> Path:
 
 def results_block(uri: str, experiment: str) -> str:
     """The experiment's results table as the README and ``docs/results.md`` show it, regenerated from its runs: the
-    report's results table (Tables 3/4), its note, and where the numbers come from (the command that ran the
-    sweep, the commit(s) its runs ran at and the date of the newest one)."""
+    report's results table (Tables 3/4; for an experiment of sequential streams only, the lifelong table: every
+    checkpoint), its note, and where the numbers come from (the command that ran the sweep, the commit(s) its
+    runs ran at and the date of the newest one)."""
     import polars as pl  # lazily: importing polars makes blocking waits ignore Ctrl-C until they end
     df = load_runs(uri, experiment)
     ind = df.filter(pl.col("mode") == "independent")
-    if ind.is_empty():
-        raise ReportError(f"experiment {experiment!r}: no independent-mode run to tabulate")
-    header, rows, note = table_results(ind)
+    if not ind.is_empty():
+        header, rows, note = table_results(ind)
+    else:
+        ind = df.filter(pl.col("mode") == "sequential")
+        if ind.is_empty():
+            raise ReportError(f"experiment {experiment!r}: no finished run to tabulate")
+        header, rows, note = table_lifelong(checkpoint_metrics(uri, ind))
     # a commit the runs ran with uncommitted changes on top of says so ("-dirty" in the tag)
     commits = sorted({str(c)[:7] + (" (with uncommitted changes)" if str(c).endswith("-dirty") else "")
                       for c in ind[f"t.{GIT_COMMIT_TAG}"].to_list()}) if f"t.{GIT_COMMIT_TAG}" in \
@@ -167,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", default="md,csv,tex,html", help="comma-separated subset of md, csv, tex, html")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log the report as an MLflow run")
     ap.add_argument("--results-into", type=Path, action="append", default=[], metavar="FILE",
-                    help="also write the results table between the experiment's results markers in FILE "
-                         "(README.md, docs/results.md; repeatable)")
+                    help="also write the results table (sequential streams only: every checkpoint) between the "
+                         "experiment's results markers in FILE (README.md, docs/results.md; repeatable)")
     ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     args = ap.parse_args(argv)
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
