@@ -26,6 +26,9 @@ HP = {
     "ft_l": {"lr": 1e-2, "max_steps": 3},
     "rome": {"mom2_n_tokens": 2000, "v_num_grad_steps": 4, "context_lengths": [[6, 2]]},
     "memit": {"mom2_n_tokens": 2000, "v_num_grad_steps": 4, "context_lengths": [[6, 2]], "layers": [0, 1]},
+    "alphaedit": {"mom2_n_tokens": 2000, "v_num_grad_steps": 4, "context_lengths": [[6, 2]], "layers": [0, 1]},
+    "grace": {"n_iter": 5},
+    "wise": {"n_iter": 5, "template_lengths": [3]},
 }
 CASES = [(m, model) for model in ("tiny-t5", "tiny-bart") for m in sorted(REGISTRY)
          if "seq2seq" in REGISTRY[m].supported_kinds] + [(m, "tiny-gpt2") for m in sorted(REGISTRY)]
@@ -155,9 +158,10 @@ def test_a_trial_gives_the_same_result_whether_its_data_step_ran_in_it_or_before
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_every_registered_editor_keeps_the_contract(method: str, zsre, tmp_path) -> None:
     """The contract of ``methods.base``: after its fit step, ``edit`` returns finite deltas of exactly the weights
-    the editor chose, shaped like them, and leaves the model's weights as they were; edits compose by addition
-    (``Edit.__add__``, what sequential mode sums); a learned editor's checkpoint, saved and loaded into a fresh
-    editor on a fresh model, edits the same."""
+    the editor chose, shaped like them (or, for edits that are not weight deltas, adaptors of exactly the modules
+    that own them), and leaves the model's weights as they were; edits compose by addition (``Edit.__add__``, what
+    sequential mode sums; adaptors as their method defines, here: one more entry); a learned editor's checkpoint,
+    saved and loaded into a fresh editor on a fresh model, edits the same."""
     import torch
 
     from bench.data import edit_batch
@@ -174,7 +178,9 @@ def test_every_registered_editor_keeps_the_contract(method: str, zsre, tmp_path)
     a, b = edit_batch(m, zsre["test"][:1]), edit_batch(m, zsre["test"][1:3])
     ea = ed.edit(a)
     weights = dict(m.model.named_parameters())
-    assert set(ea.deltas) == set(ed.model.edit_params) and ed.model.edit_params
+    chosen = set(ed.model.edit_params)
+    assert chosen and (set(ea.deltas) == chosen or not ea.deltas and set(ea.adaptors) == {n.rsplit(".", 1)[0]
+                                                                                         for n in chosen})
     for n, d in ea.deltas.items():
         assert d.shape == weights[n].shape and torch.isfinite(d).all(), n
     assert weights_digest(m) == before and not m.applied  # an edit never writes a weight
@@ -182,6 +188,8 @@ def test_every_registered_editor_keeps_the_contract(method: str, zsre, tmp_path)
     both = ea + eb
     assert all(torch.equal(both.deltas[n], ea.deltas[n] + eb.deltas[n]) for n in ea.deltas)
     assert both.steps == ea.steps + eb.steps
+    for k, adaptor in both.adaptors.items():  # GRACE: b's entries join a's codebook; WISE: one more edit counted
+        assert adaptor.describe()["entries"] >= ea.adaptors[k].describe()["entries"] and k in eb.adaptors
     if ed.modules():
         path = ed.save(tmp_path / method)
         fresh = load_model("tiny-gpt2")
