@@ -42,7 +42,7 @@ def _one_point(hp: dict) -> dict:
 @pytest.mark.parametrize("method,model", CASES)
 def test_trial_end_to_end(method: str, model: str, tmp_path) -> None:
     uri = f"sqlite:///{tmp_path / 'runs.db'}"
-    sweep = Sweep(name="t", n_edits=3, models=[{"name": model}], datasets=[{"name": "zsre", "n_train": 16,
+    sweep = Sweep(name="t", n_edits=2, models=[{"name": model}], datasets=[{"name": "zsre", "n_train": 16,
                   "n_val": 4}], methods=[{"name": method, "hparams": _one_point(HP.get(method, {})),
                                           "budget": {"max_steps": 4, "val_every": 2, "val_edits": 2}}])
     (point,) = plan(sweep)
