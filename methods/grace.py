@@ -103,12 +103,24 @@ class Codebook(Adaptor):
             out._join(later.keys[i], later.values[i], later.labels[i])
         return out
 
+    def within_reach(self, key: Tensor) -> tuple[int, float, bool]:
+        """(nearest entry, its distance, whether ``key`` is within ``init_eps`` + its radius): what decides how a new
+        entry joins (-1, inf, False for an empty codebook)."""
+        j, d = self.nearest(key)
+        return j, d, j >= 0 and d <= self.init_eps + float(self.eps[j])
+
+    def updated_by(self, key: Tensor, label: tuple[int, ...]) -> int:
+        """The entry a new entry with this key and target updates instead of being added (the same target within
+        reach); -1 when it is added."""
+        j, _, near = self.within_reach(key)
+        return j if near and self.labels[j] == label else -1
+
     def _join(self, key: Tensor, value: Tensor, label: tuple[int, ...]) -> None:
         """Add one trained entry by GRACE's rules (module docstring); modifies this (fresh) codebook."""
-        j, d = self.nearest(key)
-        if j < 0 or d > self.init_eps + float(self.eps[j]) or self.labels[j] != label:
+        j, d, near = self.within_reach(key)
+        if not near or self.labels[j] != label:
             radius = self.init_eps
-            if j >= 0 and d <= self.init_eps + float(self.eps[j]):  # a conflict: both radii halve
+            if near:  # a conflict: both radii halve
                 self.eps[j] = d / 2 - 1e-5
                 radius = d / 2
             self.keys = torch.cat([self.keys, key[None].to(self.keys)])
@@ -178,8 +190,8 @@ class GRACE(AdaptorEditor):
         book = self.model.adaptors().get(self.module)
         if isinstance(book, Codebook):
             for i, key in enumerate(keys):
-                j, d = book.nearest(key)
-                if j >= 0 and d <= book.init_eps + float(book.eps[j]) and book.labels[j] == labels[i]:
+                j = book.updated_by(key, labels[i])
+                if j >= 0:
                     init[i] = book.values[j].to(init)
         return init
 
